@@ -1,0 +1,106 @@
+"""The `cnnops` command line: one subcommand per DVC stage. Heavy imports happen inside commands."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from cnnops.errors import CnnopsError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Reproducible CNN pipelines: fetch → prepare → train → evaluate.")
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="The params file to read.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-S", help="Override a value: KEY=VALUE (repeatable).")]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def clear_errors(fn: F) -> F:
+    """Turn a user-fixable error into one line on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except CnnopsError as e:
+            typer.echo(f"cnnops {fn.__name__.replace('_', '-')}: error: {e}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _config(params: Path, overrides: list[str] | None) -> Any:
+    import logging
+    import warnings
+
+    from cnnops.config import load_config
+
+    # Lightning's start-up banners and tips drown the stage's own output in DVC logs.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*(on_after_batch_transfer|LeafSpec).*")
+
+    return load_config(params, overrides)
+
+
+def _print(data: dict[str, Any]) -> None:
+    typer.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+@app.command("show-config")
+@clear_errors
+def show_config(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Validate params.yaml (with overrides) and print the resolved config."""
+    from cnnops.train import dump_config
+
+    typer.echo(dump_config(_config(params, set_)), nl=False)
+
+
+@app.command()
+@clear_errors
+def fetch(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Fetch the dataset named by fetch.source into paths.raw, checksum-verified."""
+    from cnnops.data.sources import fetch as run
+
+    config = _config(params, set_)
+    run(config.fetch, config.paths.raw)
+    typer.echo(f"fetched {config.fetch.source} into {config.paths.raw}")
+
+
+@app.command()
+@clear_errors
+def prepare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Split into train/val/test uint8 arrays with statistics (reports/data.json)."""
+    from cnnops.data.prepare import prepare as run
+
+    config = _config(params, set_)
+    stats = run(config, config.paths.raw, config.paths.prepared, config.paths.reports / "data.json")
+    typer.echo(json.dumps({k: v["total"] for k, v in stats["splits"].items()}))
+
+
+@app.command()
+@clear_errors
+def train(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Train the CNN; checkpoints to paths.models/train, metrics to reports/train.json."""
+    from cnnops.train import train_stage
+
+    _print(train_stage(_config(params, set_)))
+
+
+@app.command()
+@clear_errors
+def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Score the model on the test split; reports/eval.json and a confusion matrix."""
+    from cnnops.evaluate import evaluate_stage
+
+    result = evaluate_stage(_config(params, set_))
+    _print(result)
+
+
+def main() -> None:
+    app(sys.argv[1:])

@@ -1,0 +1,329 @@
+"""Dataset sources: the embedded digits, MNIST-format IDX sets, CIFAR-10 and image folders.
+
+`fetch` brings a source's files into `raw/` (checksum-verified, written atomically);
+`load_raw` reads them back as uint8 arrays (N, C, H, W) for the prepare stage.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cnnops.errors import DataError
+
+if TYPE_CHECKING:
+    from cnnops.config import Config, Fetch
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    name: str
+    """The file as served, e.g. `train-images-idx3-ubyte.gz`."""
+    sha256: str | None = None
+    """Of the decompressed content, so a re-compressed mirror copy still verifies."""
+    md5: str | None = None
+    """Of the bytes as served canonically; used where no content hash is published."""
+
+
+# sha256 of the decompressed IDX files (identical across mirrors however they are compressed).
+MNIST = (
+    RemoteFile("train-images-idx3-ubyte.gz", "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"),
+    RemoteFile("train-labels-idx1-ubyte.gz", "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"),
+    RemoteFile("t10k-images-idx3-ubyte.gz", "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"),
+    RemoteFile("t10k-labels-idx1-ubyte.gz", "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
+)
+# Fashion-MNIST publishes md5s of its .gz files only, so a mirror must serve those exact files.
+FASHION_MNIST = (
+    RemoteFile("train-images-idx3-ubyte.gz", md5="8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+    RemoteFile("train-labels-idx1-ubyte.gz", md5="25c81989df183df01b3e8a0aad5dffbe"),
+    RemoteFile("t10k-images-idx3-ubyte.gz", md5="bef4ecab320f06d8554ea6380940ec79"),
+    RemoteFile("t10k-labels-idx1-ubyte.gz", md5="bb300cfdad3c16e7a12a480ee83cd310"),
+)
+CIFAR10 = (RemoteFile("cifar-10-python.tar.gz", md5="c58f30108f718f92721af3b95e74349a"),)
+# md5 of each extracted member: the decompressed content, whatever the archive's compression.
+CIFAR10_MEMBERS = {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
+    "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
+}
+CANONICAL = {
+    "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "fashion-mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    "cifar10": "https://www.cs.toronto.edu/~kriz/",
+}
+FILES = {"mnist": MNIST, "fashion-mnist": FASHION_MNIST, "cifar10": CIFAR10}
+CLASSES = {
+    "digits": [str(i) for i in range(10)],
+    "mnist": [str(i) for i in range(10)],
+    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
+    "cifar10": ["airplane", "automobile", "bird", "cat", "deer",
+                "dog", "frog", "horse", "ship", "truck"],
+}
+NATIVE_SIZE = {"digits": 8, "mnist": 28, "fashion-mnist": 28, "cifar10": 32}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+def input_size(config: Config) -> int:
+    """The square image size the model receives, known from params alone."""
+    return config.prepare.image_size or NATIVE_SIZE[config.fetch.source]
+
+
+@contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a scratch folder that replaces `target` only if the block succeeds."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield scratch
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(scratch, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _open_url(url: str) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            return response.read()
+    except OSError as e:
+        raise DataError(f"{url}: download failed: {e}") from None
+
+
+def _read_from(location: str, name: str) -> tuple[bytes, str]:
+    """Read `name` (or its decompressed twin) from a folder, file:// URL or http(s) URL."""
+    if "://" in location and not location.startswith("file://"):
+        url = location.rstrip("/") + "/" + name
+        return _open_url(url), url
+    folder = Path(location.removeprefix("file://")).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"fetch.mirror = {location!r}: not a directory")
+    for candidate in (folder / name, folder / name.removesuffix(".gz")):
+        if candidate.is_file():
+            return candidate.read_bytes(), str(candidate)
+    raise DataError(f"fetch.mirror = {location!r}: {name} not found there")
+
+
+def _decompress(blob: bytes, origin: str) -> bytes:
+    if blob[:2] != b"\x1f\x8b":
+        return blob
+    try:
+        return gzip.decompress(blob)
+    except (OSError, EOFError) as e:
+        raise DataError(f"{origin}: corrupt gzip data ({e})") from None
+
+
+def _digest(algorithm: str, blob: bytes) -> str:
+    return hashlib.new(algorithm, blob, usedforsecurity=False).hexdigest()
+
+
+def verify(file: RemoteFile, blob: bytes, origin: str) -> bytes:
+    """Return the decompressed content of `blob` after checking it against the known hash."""
+    if file.sha256:
+        content = _decompress(blob, origin)
+        if (got := _digest("sha256", content)) != file.sha256:
+            raise DataError(
+                f"{origin}: checksum mismatch: sha256 of content is {got}, expected {file.sha256}"
+            )
+        return content
+    if file.md5 and (got := _digest("md5", blob)) != file.md5:
+        raise DataError(f"{origin}: checksum mismatch: md5 is {got}, expected {file.md5}")
+    return blob if file.name.endswith(".tar.gz") else _decompress(blob, origin)
+
+
+def fetch(spec: Fetch, raw: Path) -> None:
+    """Bring the source's files into `raw/`, verified; `raw/` is replaced only on success."""
+    with atomic_dir(raw) as out:
+        if spec.source == "digits":
+            with resources.files("cnnops.data").joinpath("digits.npz").open("rb") as f:
+                (out / "digits.npz").write_bytes(f.read())
+        elif spec.source == "imagefolder":
+            _fetch_imagefolder(spec, out)
+        else:
+            location = spec.mirror or CANONICAL[spec.source]
+            for file in FILES[spec.source]:
+                blob, origin = _read_from(location, file.name)
+                content = verify(file, blob, origin)
+                if spec.source == "cifar10":
+                    _extract_cifar(content, origin, out)
+                else:
+                    (out / file.name.removesuffix(".gz")).write_bytes(content)
+
+
+def _extract_cifar(archive: bytes, origin: str, out: Path) -> None:
+    try:
+        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:*") as tar:
+            for member in tar.getmembers():
+                name = Path(member.name).name
+                if name in CIFAR10_MEMBERS and member.isfile():
+                    blob = tar.extractfile(member).read()  # type: ignore[union-attr]
+                    if _digest("md5", blob) != CIFAR10_MEMBERS[name]:
+                        raise DataError(f"{origin}: member {name} fails its md5 check")
+                    (out / name).write_bytes(blob)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DataError(f"{origin}: corrupt archive ({e})") from None
+    missing = sorted(set(CIFAR10_MEMBERS) - {p.name for p in out.iterdir()})
+    if missing:
+        raise DataError(f"{origin}: archive lacks {missing}")
+
+
+def _fetch_imagefolder(spec: Fetch, out: Path) -> None:
+    if not spec.url:
+        raise DataError("fetch.url: required for fetch.source: imagefolder (a folder or archive URL)")
+    local = Path(spec.url.removeprefix("file://")).expanduser()
+    if local.is_dir():
+        shutil.copytree(local, out / "images", ignore=shutil.ignore_patterns(".*"))
+        return
+    blob = local.read_bytes() if local.is_file() else _open_url(spec.url)
+    if spec.sha256 and (got := _digest("sha256", blob)) != spec.sha256:
+        raise DataError(f"fetch.url = {spec.url!r}: checksum mismatch: sha256 {got}, expected {spec.sha256}")
+    try:
+        if zipfile.is_zipfile(io.BytesIO(blob)):
+            with zipfile.ZipFile(io.BytesIO(blob)) as z:
+                z.extractall(out / "images")
+        else:
+            with tarfile.open(fileobj=io.BytesIO(blob), mode="r:*") as tar:
+                tar.extractall(out / "images", filter="data")
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
+        raise DataError(f"fetch.url = {spec.url!r}: not a readable folder, zip or tar archive ({e})") from None
+
+
+# --- reading raw files back -------------------------------------------------------------
+
+
+@dataclass
+class RawData:
+    train: tuple[np.ndarray, np.ndarray]
+    test: tuple[np.ndarray, np.ndarray] | None
+    classes: list[str]
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (the MNIST format) of unsigned bytes, checking its header against its size."""
+    if not path.is_file():
+        raise DataError(f"{path}: missing; run `cnnops fetch` first")
+    blob = path.read_bytes()
+    if len(blob) < 4 or blob[0] != 0 or blob[1] != 0 or blob[2] != 0x08:
+        raise DataError(f"{path}: not an IDX file of unsigned bytes (bad magic number)")
+    ndim = blob[3]
+    header = 4 + 4 * ndim
+    if len(blob) < header:
+        raise DataError(f"{path}: truncated IDX header")
+    shape = tuple(int.from_bytes(blob[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + int(np.prod(shape))
+    if len(blob) != expected:
+        raise DataError(f"{path}: truncated or corrupt IDX file: {len(blob)} bytes, header says {expected}")
+    return np.frombuffer(blob, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _idx_pair(raw: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    images = read_idx(raw / f"{prefix}-images-idx3-ubyte")[:, None]
+    labels = read_idx(raw / f"{prefix}-labels-idx1-ubyte")
+    if len(images) != len(labels):
+        raise DataError(f"{raw}: {prefix} has {len(images)} images but {len(labels)} labels")
+    return images, labels.astype(np.int64)
+
+
+def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise DataError(f"{path}: missing; run `cnnops fetch` first")
+    try:
+        # The CIFAR batches are pickles by upstream's design; fetch verified each one's md5.
+        with path.open("rb") as f:
+            batch = pickle.load(f, encoding="bytes")  # noqa: S301
+        x = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        return x, np.asarray(batch[b"labels"], dtype=np.int64)
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as e:
+        raise DataError(f"{path}: corrupt CIFAR-10 batch ({e})") from None
+
+
+def _read_image(path: Path, size: int, grayscale: bool) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if grayscale else "RGB").resize((size, size), Image.BILINEAR)
+            x = np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"{path}: unreadable or truncated image ({e})") from None
+    return x[None] if grayscale else x.transpose(2, 0, 1)
+
+
+def _detect_grayscale(files: list[Path]) -> bool:
+    from PIL import Image
+
+    for path in files[:50]:
+        try:
+            with Image.open(path) as img:
+                if img.mode not in ("L", "1", "I;16", "LA"):
+                    return False
+        except OSError:
+            continue
+    return True
+
+
+def _imagefolder(raw: Path, size: int, grayscale: bool | None) -> RawData:
+    root = raw / "images"
+    # An archive often wraps the class folders in one top folder.
+    while root.is_dir() and len(subdirs := [p for p in root.iterdir() if p.is_dir()]) == 1 and not any(
+        p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir()
+    ):
+        root = subdirs[0]
+    if not root.is_dir():
+        raise DataError(f"{root}: missing; run `cnnops fetch` first")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise DataError(f"{root}: needs at least two class sub-folders, found {classes}")
+    files = [
+        (f, label)
+        for label, name in enumerate(classes)
+        for f in sorted((root / name).rglob("*"))
+        if f.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not files:
+        raise DataError(f"{root}: no PNG or JPEG files in the class folders")
+    gray = _detect_grayscale([f for f, _ in files]) if grayscale is None else grayscale
+    x = np.stack([_read_image(f, size, gray) for f, _ in files])
+    y = np.array([label for _, label in files], dtype=np.int64)
+    return RawData(train=(x, y), test=None, classes=classes)
+
+
+def load_raw(config: Config, raw: Path) -> RawData:
+    source = config.fetch.source
+    if not raw.is_dir():
+        raise DataError(f"{raw}: data directory missing; run `cnnops fetch` first")
+    if source == "digits":
+        path = raw / "digits.npz"
+        if not path.is_file():
+            raise DataError(f"{path}: missing; run `cnnops fetch` first")
+        with np.load(path) as f:
+            return RawData((f["images"][:, None], f["labels"].astype(np.int64)), None, CLASSES[source])
+    if source in ("mnist", "fashion-mnist"):
+        return RawData(_idx_pair(raw, "train"), _idx_pair(raw, "t10k"), CLASSES[source])
+    if source == "cifar10":
+        parts = [_cifar_batch(raw / f"data_batch_{i}") for i in range(1, 6)]
+        train = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+        return RawData(train, _cifar_batch(raw / "test_batch"), CLASSES[source])
+    assert config.prepare.image_size is not None  # checked by the Config validator
+    return _imagefolder(raw, config.prepare.image_size, config.prepare.grayscale)

@@ -1,0 +1,13 @@
+"""Errors a user can fix; the CLI prints their message and exits with status 2."""
+
+
+class CnnopsError(Exception):
+    """Bad input: the message names the key or file, the value and what is allowed."""
+
+
+class ConfigError(CnnopsError):
+    pass
+
+
+class DataError(CnnopsError):
+    pass

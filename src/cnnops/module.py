@@ -1,0 +1,111 @@
+"""The LightningModule: normalization on device, loss (+L1), optimizer (L2), schedule, metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from cnnops.config import Model, Train
+from cnnops.models import build_model
+
+
+class Classifier(L.LightningModule):
+    """Wraps a registered model; takes uint8 or normalized float images, returns logits."""
+
+    def __init__(self, model: dict[str, Any], train: dict[str, Any], in_channels: int,
+                 num_classes: int, image_size: int, mean: list[float], std: list[float],
+                 classes: list[str], config: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        # Everything needed to rebuild the model (and the resolved config) rides in the checkpoint.
+        self.save_hyperparameters()
+        self.spec, self.train_spec = Model(**model), Train(**train)
+        self.net = build_model(self.spec, in_channels, num_classes, image_size)
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+        self.gpu_augment: torch.nn.Module | None = None
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
+            return (x - self.mean) / self.std
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))
+
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x).float().softmax(dim=1)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        x, y = batch
+        if self.trainer.training and self.gpu_augment is not None:
+            x = self.gpu_augment(x)
+        return self.normalize(x), y
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self.net(x)
+        smoothing = self.train_spec.label_smoothing if stage == "train" else 0.0
+        loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
+        acc = (logits.argmax(dim=1) == y).float().mean()
+        sync = stage != "train" and self.trainer.world_size > 1
+        self.log_dict({f"{stage}_loss": loss, f"{stage}_acc": acc}, on_step=False, on_epoch=True,
+                      batch_size=len(y), sync_dist=sync)
+        return loss
+
+    def l1_penalty(self) -> torch.Tensor:
+        weights = [p for n, p in self.net.named_parameters() if p.ndim > 1]
+        return torch.stack([w.abs().sum() for w in weights]).sum()
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._step(batch, "train")
+        if self.train_spec.l1 > 0:
+            loss = loss + self.train_spec.l1 * self.l1_penalty()
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self) -> Any:
+        opt, sched = self.train_spec.optimizer, self.train_spec.scheduler
+        # L2 acts on weights only: decaying biases and batch-norm scales fights normalization.
+        decay = [p for p in self.parameters() if p.ndim > 1]
+        rest = [p for p in self.parameters() if p.ndim <= 1]
+        groups = [{"params": decay, "weight_decay": opt.weight_decay},
+                  {"params": rest, "weight_decay": 0.0}]
+        if opt.name == "sgd":
+            optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum,
+                                                               nesterov=opt.momentum > 0)
+        elif opt.name == "adam":
+            optimizer = torch.optim.Adam(groups, lr=opt.lr)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=opt.lr)
+        scheduler = self._scheduler(optimizer)
+        if scheduler is None:
+            return optimizer
+        interval = "step" if sched.name == "onecycle" else "epoch"
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+    def _scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
+        sched, epochs = self.train_spec.scheduler, self.train_spec.max_epochs
+        if sched.name == "step":
+            return torch.optim.lr_scheduler.StepLR(optimizer, sched.step_size, sched.gamma)
+        if sched.name == "onecycle":
+            steps = int(self.trainer.estimated_stepping_batches)
+            return torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=self.train_spec.optimizer.lr, total_steps=max(steps, 1))
+        if sched.name == "cosine":
+            cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
+                optimizer, T_max=max(epochs - sched.warmup_epochs, 1))
+            if sched.warmup_epochs == 0:
+                return cosine
+            warmup = torch.optim.lr_scheduler.LinearLR(optimizer, 0.1, 1.0, sched.warmup_epochs)
+            return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine],
+                                                         [sched.warmup_epochs])
+        return None

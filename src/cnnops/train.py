@@ -1,0 +1,164 @@
+"""The train stage: one `train()` shared by `cnnops train` and every tuning trial."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+
+from cnnops.config import Config
+from cnnops.data.datamodule import ImageData
+from cnnops.data.prepare import Prepared
+from cnnops.errors import DataError
+from cnnops.module import Classifier
+from cnnops.tracking import NullTracker, Tracker
+
+CURVE_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc")
+
+
+class Curves(Callback):
+    """Collects one row of epoch metrics and hands it to the tracker: one GPU sync per epoch."""
+
+    def __init__(self, tracker: Tracker) -> None:
+        self.tracker = tracker
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        row: dict[str, float] = {"epoch": trainer.current_epoch + 1}
+        row.update({k: round(float(metrics[k]), 6) for k in CURVE_KEYS if k in metrics})
+        row["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
+        self.rows.append(row)
+        if trainer.is_global_zero:
+            self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
+
+@dataclass
+class TrainResult:
+    best_checkpoint: Path
+    last_checkpoint: Path
+    metrics: dict[str, Any]
+    curves: list[dict[str, float]] = field(default_factory=list)
+
+
+def build_module(config: Config, prepared: Prepared) -> Classifier:
+    channels, size, _ = prepared.shape
+    return Classifier(
+        model=config.model.model_dump(mode="json"), train=config.train.model_dump(mode="json"),
+        in_channels=channels, num_classes=len(prepared.classes), image_size=size,
+        mean=prepared.mean, std=prepared.std, classes=prepared.classes,
+        config=config.model_dump(mode="json"),
+    )
+
+
+def _precision(value: str) -> str:
+    return "32-true" if value == "32" else value
+
+
+def best_row(rows: list[dict[str, float]], monitor: str) -> dict[str, float]:
+    scored = [r for r in rows if monitor in r]
+    if not scored:
+        return rows[-1] if rows else {}
+    pick = max if monitor.endswith("acc") else min
+    return pick(scored, key=lambda r: r[monitor])
+
+
+def train(config: Config, prepared: Prepared, out_dir: Path, tracker: Tracker | None = None,
+          callbacks: list[Callback] | None = None) -> TrainResult:
+    """Train `config.model` on `prepared`; checkpoints (best and last) land in `out_dir`."""
+    t = config.train
+    L.seed_everything(t.seed, workers=True, verbose=False)
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")
+    tracker = tracker or NullTracker()
+    monitor = t.early_stopping.monitor
+    mode = "max" if monitor.endswith("acc") else "min"
+    curves = Curves(tracker)
+    checkpoint = ModelCheckpoint(dirpath=out_dir, filename="best", monitor=monitor, mode=mode,
+                                 save_last=True, enable_version_counter=False)
+    all_callbacks: list[Callback] = [curves, checkpoint, *(callbacks or [])]
+    if t.early_stopping.enabled:
+        stopper = EarlyStopping(monitor=monitor, mode=mode, patience=t.early_stopping.patience,
+                                min_delta=t.early_stopping.min_delta)
+        all_callbacks.append(stopper)
+    trainer = L.Trainer(
+        max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices,
+        precision=_precision(t.precision), deterministic=t.deterministic, logger=False,
+        callbacks=all_callbacks, default_root_dir=out_dir, num_sanity_val_steps=0,
+        enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False,
+    )
+    module = build_module(config, prepared)
+    data = ImageData(prepared, t.batch_size, t.seed, eval_batch_size=config.evaluate.batch_size)
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    elapsed = time.perf_counter() - started
+    best = best_row(curves.rows, monitor)
+    metrics = {
+        "best_epoch": int(best.get("epoch", 0)),
+        "best_val_acc": best.get("val_acc"),
+        "best_val_loss": best.get("val_loss"),
+        "best_train_acc": best.get("train_acc"),
+        "epochs_run": len(curves.rows),
+        "stopped_early": bool(trainer.should_stop and len(curves.rows) < t.max_epochs),
+        "stopped_epoch": len(curves.rows),
+        "train_seconds": round(elapsed, 2),
+    }
+    return TrainResult(out_dir / "best.ckpt", out_dir / "last.ckpt", metrics, curves.rows)
+
+
+def load_classifier(path: Path, map_location: str | torch.device = "cpu") -> Classifier:
+    if not path.is_file():
+        raise DataError(f"{path}: checkpoint missing; run `cnnops train` first")
+    return Classifier.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+
+
+def train_stage(config: Config) -> dict[str, Any]:
+    """`cnnops train`: train, write reports, and record the run in MLflow with its provenance."""
+    from cnnops import reports, tracking
+    from cnnops.config import flatten
+    from cnnops.data import prepare
+
+    paths = config.paths
+    prepared = prepare.load(paths.prepared)
+    tracker = tracking.MlflowTracker(config.mlflow, run_name="train", tags={"cnnops.stage": "train"})
+    try:
+        tracker.log_params(flatten(config))
+        tracker.set_tags({"git.commit": tracking.git_commit(), **tracking.environment(),
+                          **tracking.dvc_hashes([paths.prepared])})
+        result = train(config, prepared, paths.models / "train", tracker)
+        metrics = result.metrics
+        reports.write_json(paths.reports / "train.json", metrics)
+        reports.write_json(result.best_checkpoint.parent / "run.json",
+                           {"mlflow_run_id": tracker.run_id, **metrics})
+        reports.write_csv(paths.reports / "train_curves.csv", result.curves)
+        reports.plot_curves(result.curves, paths.reports / "train_curves.png",
+                            f"{config.model.name} on {config.fetch.source}")
+        resolved = paths.reports / "config.resolved.yaml"
+        resolved.write_text(dump_config(config))
+        for path in (resolved, paths.reports / "train_curves.png", paths.reports / "train_curves.csv"):
+            tracker.log_artifact(path)
+        summary = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
+        tracker.log_metrics(summary, step=result.metrics["epochs_run"])
+    except BaseException:
+        tracker.close("FAILED")
+        raise
+    tracker.close()
+    return metrics
+
+
+def dump_config(config: Config) -> str:
+    import io
+
+    from ruamel.yaml import YAML
+
+    stream = io.StringIO()
+    yaml = YAML(typ="safe", pure=True)
+    yaml.default_flow_style = False
+    yaml.dump(config.model_dump(mode="json"), stream)
+    return stream.getvalue()

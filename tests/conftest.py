@@ -1,0 +1,54 @@
+"""Shared fixtures: an isolated working folder per test, the MNIST mirror, and a tiny config."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+MNIST_MIRROR = ROOT.parent / "shared" / "data" / "mnist"
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh folder holding the root params.yaml, made the current directory."""
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def mnist_mirror() -> Path:
+    if not (MNIST_MIRROR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"the MNIST mirror is not at {MNIST_MIRROR}")
+    return MNIST_MIRROR
+
+
+def cnnops(*args: str, cwd: Path | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    """Run the installed `cnnops` console script as a user would."""
+    result = subprocess.run([str(BIN / "cnnops"), *args], cwd=cwd, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"cnnops {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
