@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -73,6 +74,8 @@ def train(config: Config, prepared: Prepared, out_dir: Path, tracker: Tracker | 
           callbacks: list[Callback] | None = None) -> TrainResult:
     """Train `config.model` on `prepared`; checkpoints (best and last) land in `out_dir`."""
     t = config.train
+    # Stale checkpoints from an earlier run must not pass for this run's best.
+    shutil.rmtree(out_dir, ignore_errors=True)
     L.seed_everything(t.seed, workers=True, verbose=False)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")

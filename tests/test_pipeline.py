@@ -1,0 +1,100 @@
+"""End to end: `dvc repro` in a fresh git repository, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def sh(*args: str, cwd: Path) -> str:
+    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result.stdout + result.stderr
+
+
+def ran_stages(log: str) -> list[str]:
+    return re.findall(r"Running stage '(?:[^']*:)?([a-z]+)'", log)
+
+
+@pytest.fixture
+def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A new git + DVC repository holding the project's pipeline files and code."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    sh("git", "init", "-q", cwd=tmp_path)
+    sh("git", "config", "user.email", "ci@example.com", cwd=tmp_path)
+    sh("git", "config", "user.name", "ci", cwd=tmp_path)
+    sh("dvc", "init", "-q", cwd=tmp_path)
+    sh("dvc", "config", "core.analytics", "false", cwd=tmp_path)
+    return tmp_path
+
+
+def test_repro_then_noop_then_experiment_reruns_only_train_and_evaluate(repo: Path) -> None:
+    first = sh("dvc", "repro", cwd=repo)
+    assert ran_stages(first) == ["fetch", "prepare", "train", "evaluate"]
+    assert json.loads((repo / "reports/eval.json").read_text())["test_acc"] >= 0.95
+    assert (repo / "mlflow.db").is_file()
+
+    second = sh("dvc", "repro", cwd=repo)
+    assert ran_stages(second) == []
+    assert "Data and pipelines are up to date" in second
+
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-qm", "baseline", cwd=repo)
+    exp = sh("dvc", "exp", "run", "-S", "train.max_epochs=3", cwd=repo)
+    assert ran_stages(exp) == ["train", "evaluate"]
+    assert json.loads((repo / "reports/train.json").read_text())["epochs_run"] <= 3
+
+    metrics = sh("dvc", "metrics", "show", "--json", cwd=repo)
+    assert "test_acc" in metrics and "best_val_acc" in metrics
+    diff = sh("dvc", "metrics", "diff", "HEAD", cwd=repo)
+    assert "epochs_run" in diff
+    plots = sh("dvc", "plots", "show", "-o", str(repo / "plots"), cwd=repo)
+    assert (repo / "plots" / "index.html").is_file(), plots
+
+
+def test_invalid_override_fails_the_stage_without_touching_outputs(repo: Path) -> None:
+    sh("dvc", "repro", "prepare", cwd=repo)
+    before = (repo / "reports/data.json").read_text()
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-qm", "prepared", cwd=repo)
+    result = subprocess.run(["dvc", "exp", "run", "-S", "model.dropout_fc=1.5"], cwd=repo,
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "model.dropout_fc = 1.5" in result.stdout + result.stderr
+    assert (repo / "reports/data.json").read_text() == before
+    assert not (repo / "models" / "train" / "best.ckpt").exists()
+
+
+def test_mnist_pipeline_reaches_985_on_cpu(tmp_path: Path, mnist_mirror: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    repo = tmp_path / "repo"
+    (repo / "pipelines").mkdir(parents=True)
+    shutil.copytree(ROOT / "pipelines" / "mnist", repo / "pipelines" / "mnist", symlinks=True,
+                    ignore=shutil.ignore_patterns("data", "models", "reports", "mlflow.db", "mlartifacts"))
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    params = repo / "pipelines" / "mnist" / "params.yaml"
+    params.write_text(params.read_text().replace("mirror: null", f"mirror: {mnist_mirror}"))
+    sh("git", "init", "-q", cwd=repo)
+    sh("dvc", "init", "-q", cwd=repo)
+    log = sh("dvc", "repro", "pipelines/mnist/dvc.yaml", cwd=repo)
+    assert ran_stages(log) == ["fetch", "prepare", "train", "evaluate"]
+    result = json.loads((repo / "pipelines/mnist/reports/eval.json").read_text())
+    assert result["test_samples"] == 10000
+    assert result["test_acc"] >= 0.985
+    assert os.path.islink(repo / "pipelines" / "mnist" / "dvc.yaml")
