@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-MNIST_MIRROR = ROOT.parent / "shared" / "data" / "mnist"
+MNIST_MIRROR = Path(os.environ.get("CNNOPS_MNIST_MIRROR", ROOT.parent / "shared" / "data" / "mnist"))
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
