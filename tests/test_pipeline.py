@@ -86,7 +86,8 @@ def test_mnist_pipeline_reaches_985_on_cpu(tmp_path: Path, mnist_mirror: Path,
     (repo / "pipelines").mkdir(parents=True)
     shutil.copytree(ROOT / "pipelines" / "mnist", repo / "pipelines" / "mnist", symlinks=True,
                     ignore=shutil.ignore_patterns("data", "models", "reports", "mlflow.db", "mlartifacts"))
-    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    for name in ("dvc.yaml", "params.yaml"):  # DVC reads every dvc.yaml in the repository
+        shutil.copy(ROOT / name, repo / name)
     shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
     params = repo / "pipelines" / "mnist" / "params.yaml"
     params.write_text(params.read_text().replace("mirror: null", f"mirror: {mnist_mirror}"))

@@ -123,6 +123,8 @@ class Train(Section):
     precision: Literal["32", "32-true", "bf16-mixed", "16-mixed"] = "32"
     deterministic: bool = False
     num_workers: Annotated[int, Field(ge=0, le=64)] = 0
+    compile: bool = False
+    """torch.compile the network (pays off on GPU for long runs; warm-up takes seconds)."""
     label_smoothing: Fraction = 0.0
 
 

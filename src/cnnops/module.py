@@ -26,6 +26,7 @@ class Classifier(L.LightningModule):
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
         self.gpu_augment: torch.nn.Module | None = None
+        self._sums: dict[str, torch.Tensor] = {}
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.uint8:
@@ -43,18 +44,39 @@ class Classifier(L.LightningModule):
         x, y = batch
         if self.trainer.training and self.gpu_augment is not None:
             x = self.gpu_augment(x)
-        return self.normalize(x), y
+        x = self.normalize(x)
+        if x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
         logits = self.net(x)
         smoothing = self.train_spec.label_smoothing if stage == "train" else 0.0
         loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
-        acc = (logits.argmax(dim=1) == y).float().mean()
-        sync = stage != "train" and self.trainer.world_size > 1
-        self.log_dict({f"{stage}_loss": loss, f"{stage}_acc": acc}, on_step=False, on_epoch=True,
-                      batch_size=len(y), sync_dist=sync)
+        # Sums stay on the device and are read once per epoch: no GPU sync per step.
+        stats = torch.stack([loss.detach().float() * len(y), (logits.argmax(1) == y).sum().float(),
+                             torch.tensor(float(len(y)), device=loss.device)])
+        previous = self._sums.get(stage)
+        self._sums[stage] = stats if previous is None else previous + stats
         return loss
+
+    def epoch_metrics(self, stage: str) -> dict[str, float]:
+        """Mean loss and accuracy of `stage` since the last call, over all ranks."""
+        sums = self._sums.pop(stage, None)
+        if sums is None:
+            return {}
+        if self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        loss, correct, count = sums.tolist()
+        return {f"{stage}_loss": loss / count, f"{stage}_acc": correct / count}
+
+    def on_validation_epoch_end(self) -> None:
+        # Checkpointing, early stopping and pruning read these from the trainer's metrics.
+        self.log_dict(self.epoch_metrics("val"))
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.epoch_metrics("test"))
 
     def l1_penalty(self) -> torch.Tensor:
         weights = [p for n, p in self.net.named_parameters() if p.ndim > 1]

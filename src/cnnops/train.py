@@ -31,7 +31,7 @@ class Curves(Callback):
         self.rows: list[dict[str, float]] = []
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        metrics = trainer.callback_metrics
+        metrics = {**trainer.callback_metrics, **module.epoch_metrics("train")}  # type: ignore[operator]
         row: dict[str, float] = {"epoch": trainer.current_epoch + 1}
         row.update({k: round(float(metrics[k]), 6) for k in CURVE_KEYS if k in metrics})
         row["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
@@ -95,8 +95,13 @@ def train(config: Config, prepared: Prepared, out_dir: Path, tracker: Tracker | 
         precision=_precision(t.precision), deterministic=t.deterministic, logger=False,
         callbacks=all_callbacks, default_root_dir=out_dir, num_sanity_val_steps=0,
         enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False,
+        benchmark=not t.deterministic,
     )
     module = build_module(config, prepared)
+    if torch.cuda.is_available() and t.accelerator != "cpu":
+        module = module.to(memory_format=torch.channels_last)  # NHWC convolutions on tensor cores
+    if t.compile:
+        module.net.compile()  # in place: checkpoint keys stay those of the plain module
     data = ImageData(prepared, t.batch_size, t.seed, eval_batch_size=config.evaluate.batch_size)
     started = time.perf_counter()
     trainer.fit(module, datamodule=data)

@@ -1,0 +1,158 @@
+"""The augmentation spec applied to whole batches on the training device (the fast path's engine).
+
+It reads the same resolved vocabulary as the Albumentations engine (`cnnops.augment.resolve`) and
+draws each parameter from the same distribution, one draw per image, so the two engines are
+interchangeable (tests compare their statistics). Geometry goes through one `affine_grid` +
+`grid_sample` per transform; pixel ops are elementwise. Input and output are uint8 (N, C, H, W).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The entries this engine implements; a spec using others (blur, elastic) trains on the
+# Albumentations engine instead.
+SUPPORTED = {"affine", "hflip", "vflip", "random_resized_crop", "crop_and_pad",
+             "brightness_contrast", "gauss_noise", "coarse_dropout"}
+
+Resolved = list[tuple[str, float, dict[str, float]]]
+
+
+def supports(resolved: Resolved) -> bool:
+    return all(name in SUPPORTED for name, _, _ in resolved)
+
+
+class BatchAugment(nn.Module):
+    """Applies resolved transforms to a uint8 batch; each image draws its own parameters."""
+
+    def __init__(self, resolved: Resolved, seed: int = 0) -> None:
+        super().__init__()
+        unsupported = sorted({n for n, _, _ in resolved} - SUPPORTED)
+        if unsupported:
+            raise ValueError(f"no batched implementation for {unsupported}")
+        self.resolved = resolved
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+
+    def _rng(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self._rng(x.device)
+        out = x.float()
+        for name, p, v in self.resolved:
+            apply = torch.rand(len(x), device=x.device, generator=g) < p
+            out = torch.where(apply.view(-1, 1, 1, 1), _OPS[name](out, v, g), out)
+        return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _uniform(n: int, low: float | torch.Tensor, high: float | torch.Tensor, g: torch.Generator,
+             device: torch.device) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, device=device, generator=g)
+
+
+def _warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Sample `x` at output→input affine `theta` (N, 2, 3) in normalized coordinates; zeros outside."""
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def affine(x: torch.Tensor, v: dict[str, float], g: torch.Generator) -> torch.Tensor:
+    # As Albumentations' Affine: rotate, shear and scale about the centre, then translate;
+    # x and y scale, shear and translate draw independently (keep_ratio=False).
+    n, dev = len(x), x.device
+    h, w = x.shape[-2:]
+    angle = torch.deg2rad(_uniform(n, -v["rotate"], v["rotate"], g, dev))
+    sx, sy = (_uniform(n, 1 - v["scale"], 1 + v["scale"], g, dev) for _ in range(2))
+    hx, hy = (torch.tan(torch.deg2rad(_uniform(n, -v["shear"], v["shear"], g, dev))) for _ in range(2))
+    tx, ty = (_uniform(n, -v["translate"], v["translate"], g, dev) for _ in range(2))
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    rot = torch.stack([cos, -sin, sin, cos], 1).view(n, 2, 2)
+    shear = torch.stack([torch.ones_like(hx), hx, hy, torch.ones_like(hy)], 1).view(n, 2, 2)
+    forward = rot @ shear @ torch.diag_embed(torch.stack([sx, sy], 1))
+    # Pixel units → normalized units, so rotation stays a rotation on non-square images.
+    half = torch.tensor([w / 2, h / 2], device=dev)
+    inverse = torch.linalg.inv(forward)
+    matrix = inverse * half.view(1, 1, 2) / half.view(1, 2, 1)
+    shift = torch.stack([tx * 2, ty * 2], 1).unsqueeze(2)  # fraction of side → normalized units
+    theta = torch.cat([matrix, -(matrix @ shift)], dim=2)
+    return _warp(x, theta)
+
+
+def hflip(x: torch.Tensor, v: dict[str, float], g: torch.Generator) -> torch.Tensor:
+    return x.flip(-1)
+
+
+def vflip(x: torch.Tensor, v: dict[str, float], g: torch.Generator) -> torch.Tensor:
+    return x.flip(-2)
+
+
+def random_resized_crop(x: torch.Tensor, v: dict[str, float], g: torch.Generator) -> torch.Tensor:
+    n, dev = len(x), x.device
+    area = _uniform(n, 1 - v["area"], 1.0, g, dev)
+    log_ratio = _uniform(n, -math.log1p(v["ratio"]), math.log1p(v["ratio"]), g, dev)
+    ratio = torch.exp(log_ratio)
+    sx = torch.sqrt(area * ratio).clamp(max=1.0)
+    sy = torch.sqrt(area / ratio).clamp(max=1.0)
+    cx = _uniform(n, -(1 - sx), 1 - sx, g, dev)
+    cy = _uniform(n, -(1 - sy), 1 - sy, g, dev)
+    zero = torch.zeros_like(sx)
+    theta = torch.stack([sx, zero, cx, zero, sy, cy], 1).view(n, 2, 3)
+    return _warp(x, theta)
+
+
+def crop_and_pad(x: torch.Tensor, v: dict[str, float], g: torch.Generator) -> torch.Tensor:
+    # Each side moves by its own fraction in [-percent, percent] (crop < 0 < pad), then the
+    # result is resized back: an axis-aligned affine map per image.
+    n, dev = len(x), x.device
+    top, right, bottom, left = (_uniform(n, -v["percent"], v["percent"], g, dev) for _ in range(4))
+    zero = torch.zeros_like(top)
+    theta = torch.stack([1 + left + right, zero, right - left,
+                         zero, 1 + top + bottom, bottom - top], 1).view(n, 2, 3)
+    return _warp(x, theta)
+
+
+def brightness_contrast(x: torch.Tensor, v: dict[str, float], g: torch.Generator) -> torch.Tensor:
+    # Albumentations (brightness_by_max): out = alpha * x + beta * 255, alpha = 1 + U(±contrast).
+    n, dev = len(x), x.device
+    alpha = 1 + _uniform(n, -v["contrast"], v["contrast"], g, dev)
+    beta = _uniform(n, -v["brightness"], v["brightness"], g, dev) * 255
+    return (x * alpha.view(-1, 1, 1, 1) + beta.view(-1, 1, 1, 1)).clamp(0, 255)
+
+
+def gauss_noise(x: torch.Tensor, v: dict[str, float], g: torch.Generator) -> torch.Tensor:
+    std = _uniform(len(x), 0.0, v["std"], g, x.device) * 255
+    noise = torch.randn(x.shape, device=x.device, generator=g) * std.view(-1, 1, 1, 1)
+    return (x + noise).clamp(0, 255)
+
+
+def coarse_dropout(x: torch.Tensor, v: dict[str, float], g: torch.Generator) -> torch.Tensor:
+    n, dev = len(x), x.device
+    h, w = x.shape[-2:]
+    k = int(v["holes"])
+    count = torch.randint(1, k + 1, (n, 1), device=dev, generator=g)
+    hh = (_uniform(n * k, v["size"] / 2, v["size"], g, dev) * h).long().clamp(min=1).view(n, k)
+    ww = (_uniform(n * k, v["size"] / 2, v["size"], g, dev) * w).long().clamp(min=1).view(n, k)
+    y0 = (torch.rand(n, k, device=dev, generator=g) * (h - hh + 1)).long()
+    x0 = (torch.rand(n, k, device=dev, generator=g) * (w - ww + 1)).long()
+    yy = torch.arange(h, device=dev).view(1, 1, h, 1)
+    xx = torch.arange(w, device=dev).view(1, 1, 1, w)
+    inside = ((yy >= y0[..., None, None]) & (yy < (y0 + hh)[..., None, None])
+              & (xx >= x0[..., None, None]) & (xx < (x0 + ww)[..., None, None]))
+    active = torch.arange(k, device=dev).view(1, k) < count
+    holes = (inside & active[..., None, None]).any(dim=1, keepdim=True)
+    return x.masked_fill(holes, 0.0)
+
+
+_OPS: dict[str, Callable[[torch.Tensor, dict[str, float], torch.Generator], torch.Tensor]] = {
+    "affine": affine, "hflip": hflip, "vflip": vflip, "random_resized_crop": random_resized_crop,
+    "crop_and_pad": crop_and_pad, "brightness_contrast": brightness_contrast,
+    "gauss_noise": gauss_noise, "coarse_dropout": coarse_dropout,
+}
