@@ -71,7 +71,8 @@ def best_row(rows: list[dict[str, float]], monitor: str) -> dict[str, float]:
 
 
 def train(config: Config, prepared: Prepared, out_dir: Path, tracker: Tracker | None = None,
-          callbacks: list[Callback] | None = None) -> TrainResult:
+          callbacks: list[Callback] | None = None,
+          gpu_augment: torch.nn.Module | None = None) -> TrainResult:
     """Train `config.model` on `prepared`; checkpoints (best and last) land in `out_dir`."""
     t = config.train
     # Stale checkpoints from an earlier run must not pass for this run's best.
@@ -100,6 +101,7 @@ def train(config: Config, prepared: Prepared, out_dir: Path, tracker: Tracker | 
     module = build_module(config, prepared)
     if torch.cuda.is_available() and t.accelerator != "cpu":
         module = module.to(memory_format=torch.channels_last)  # NHWC convolutions on tensor cores
+    module.gpu_augment = gpu_augment
     if t.compile:
         module.net.compile()  # in place: checkpoint keys stay those of the plain module
     data = ImageData(prepared, t.batch_size, t.seed, eval_batch_size=config.evaluate.batch_size)

@@ -1,0 +1,306 @@
+"""Training speed on MNIST: `cnnops train` against a raw loop and the typical stack, in one process.
+
+    python benchmarks/train_speed.py --mirror DIR                        # GPU: full MNIST
+    python benchmarks/train_speed.py --mirror DIR --device cpu --train-size 6000 --epochs 3
+
+Three ways to train the same network (the MNIST seed CNN), batch size and augmentation (random
+translate by up to 2 px), on the same device:
+  raw      a plain PyTorch loop, dataset resident on the device, augmentation batched there;
+  typical  torch Dataset + per-sample Albumentations in DataLoader workers + a LightningModule;
+  cnnops   `cnnops.train.train()` with the same settings, MLflow logging included.
+Prints steady-state images/s (epochs after the first), epoch time, training time to 99.0% and
+99.4% test accuracy, peak GPU memory and the ratios cnnops/raw and cnnops/typical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cnnops.augment_batched import BatchAugment
+from cnnops.config import Config, load_config
+from cnnops.data.prepare import Prepared, split
+from cnnops.data.sources import fetch
+from cnnops.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIFT = 2 / 28  # random translate by up to 2 px on 28x28, as a fraction of the side
+AUGMENT = [("affine", 1.0, {"rotate": 0.0, "translate": SHIFT, "scale": 0.0, "shear": 0.0})]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def load_mnist(mirror: str, train_size: int | None) -> tuple[Config, Prepared]:
+    config = load_config(ROOT / "pipelines" / "mnist" / "params.yaml",
+                         [f"fetch.mirror={mirror}", "paths.raw=unused"])
+    with tempfile.TemporaryDirectory() as tmp:
+        fetch(config.fetch, Path(tmp) / "raw")
+        data = split(config, Path(tmp) / "raw")
+    if train_size:
+        data.x["train"], data.y["train"] = data.x["train"][:train_size], data.y["train"][:train_size]
+    return config, data
+
+
+def test_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, norm) -> float:
+    model.eval()
+    correct = 0
+    with torch.inference_mode(), torch.autocast(x.device.type, torch.bfloat16, enabled=x.is_cuda):
+        for i in range(0, len(x), 2000):
+            correct += int((model(norm(x[i : i + 2000])).argmax(1) == y[i : i + 2000]).sum())
+    model.train()
+    return correct / len(y)
+
+
+def summarize(name: str, epoch_times: list[float], accs: list[float], n: int, device) -> dict:
+    steady = epoch_times[1:] or epoch_times
+    cumulative = np.cumsum(epoch_times)
+
+    def time_to(target: float) -> float | None:
+        hits = [t for t, a in zip(cumulative, accs, strict=False) if a >= target]
+        return round(float(hits[0]), 2) if hits else None
+
+    result = {
+        "name": name, "images_per_s": round(n * len(steady) / sum(steady)),
+        "epoch_s": round(float(np.mean(steady)), 3), "first_epoch_s": round(epoch_times[0], 3),
+        "final_test_acc": accs[-1] if accs else None,
+        "time_to_99.0": time_to(0.99), "time_to_99.4": time_to(0.994),
+    }
+    if device.type == "cuda":
+        result["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
+        torch.cuda.reset_peak_memory_stats()
+    return result
+
+
+def raw_loop(config: Config, data: Prepared, args, device) -> dict:
+    """The anchor, written plainly: resident uint8 data, index batches, batched translate."""
+    torch.manual_seed(0)
+    x = torch.from_numpy(data.x["train"]).to(device)
+    y = torch.from_numpy(data.y["train"]).to(device)
+    xt = torch.from_numpy(data.x["test"]).to(device)
+    yt = torch.from_numpy(data.y["test"]).to(device)
+    mean, std = data.mean[0], data.std[0]
+    model = build_model(config.model, 1, 10, 28).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.train.optimizer.lr, weight_decay=1e-4)
+    steps = len(y) // args.batch_size
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.train.optimizer.lr, total_steps=steps * args.epochs)
+    augment = BatchAugment(AUGMENT, seed=0)
+
+    def norm(xb: torch.Tensor) -> torch.Tensor:
+        return (xb.float() / 255 - mean) / std
+
+    times, accs = [], []
+    for _ in range(args.epochs):
+        sync(device)
+        start = time.perf_counter()
+        perm = torch.randperm(len(y), device=device)
+        for i in range(steps):
+            idx = perm[i * args.batch_size : (i + 1) * args.batch_size]
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
+                loss = F.cross_entropy(model(norm(augment(x[idx]))), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+        accs.append(test_accuracy(model, xt, yt, norm))
+    return summarize("raw", times, accs, steps * args.batch_size, device)
+
+
+def typical_stack(config: Config, data: Prepared, args, device) -> dict:
+    """What a user writes by hand: per-sample Albumentations in workers + a LightningModule."""
+    import albumentations as A
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    transform = A.Compose([A.Affine(translate_percent=(-SHIFT, SHIFT), p=1.0),
+                           A.Normalize(mean=data.mean, std=data.std, max_pixel_value=255.0)], seed=0)
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(data.y["train"])
+
+        def __getitem__(self, i: int):
+            image = transform(image=data.x["train"][i].transpose(1, 2, 0))["image"]
+            return torch.from_numpy(image.transpose(2, 0, 1).copy()), int(data.y["train"][i])
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = build_model(config.model, 1, 10, 28)
+
+        def training_step(self, batch, _):
+            xb, yb = batch
+            logits = self.net(xb)
+            loss = F.cross_entropy(logits, yb)
+            self.log("train_loss", loss, on_epoch=True)
+            self.log("train_acc", (logits.argmax(1) == yb).float().mean(), on_epoch=True)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=config.train.optimizer.lr)
+
+    class Clock(Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_epoch_start(self, trainer, module) -> None:
+            sync(device)
+            self.start = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, module) -> None:
+            sync(device)
+            self.times.append(time.perf_counter() - self.start)
+
+    loader = torch.utils.data.DataLoader(Images(), batch_size=args.batch_size, shuffle=True,
+                                         num_workers=args.workers, drop_last=True,
+                                         pin_memory=device.type == "cuda",
+                                         persistent_workers=args.workers > 0)
+    clock = Clock()
+    trainer = L.Trainer(max_epochs=args.typical_epochs, accelerator=device.type, devices=1,
+                        precision="bf16-mixed" if args.bf16 else "32-true", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[clock])
+    trainer.fit(Module(), loader)
+    n = len(loader) * args.batch_size
+    return summarize("typical", clock.times, [], n, device)
+
+
+def cnnops_train(config: Config, data: Prepared, args, device) -> dict:
+    from lightning.pytorch.callbacks import Callback
+
+    from cnnops import tracking
+    from cnnops.train import train
+
+    xt = torch.from_numpy(data.x["test"]).to(device)
+    yt = torch.from_numpy(data.y["test"]).to(device)
+
+    class Clock(Callback):
+        """Training time per epoch, validation excluded; test accuracy measured off the clock."""
+
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.accs: list[float] = []
+
+        def on_train_epoch_start(self, trainer, module) -> None:
+            sync(device)
+            self.start, self.paused = time.perf_counter(), 0.0
+
+        def on_validation_epoch_start(self, trainer, module) -> None:
+            sync(device)
+            self.val_start = time.perf_counter()
+
+        def on_validation_epoch_end(self, trainer, module) -> None:
+            sync(device)
+            self.paused += time.perf_counter() - self.val_start
+
+        def on_train_epoch_end(self, trainer, module) -> None:
+            sync(device)
+            self.times.append(time.perf_counter() - self.start - self.paused)
+            self.accs.append(test_accuracy(module.net, xt, yt, module.normalize))
+
+    class TimedTracker(tracking.MlflowTracker):
+        spent = 0.0
+
+        def log_metrics(self, metrics, step):
+            start = time.perf_counter()
+            super().log_metrics(metrics, step)
+            TimedTracker.spent += time.perf_counter() - start
+
+    config = config.model_copy(update={"train": config.train.model_copy(update={
+        "max_epochs": args.epochs, "batch_size": args.batch_size, "compile": args.compile,
+        "precision": "bf16-mixed" if args.bf16 else "32",
+        "accelerator": "gpu" if device.type == "cuda" else "cpu",
+        "early_stopping": config.train.early_stopping.model_copy(update={"enabled": False})})})
+    clock = Clock()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = config.mlflow.model_copy(update={"tracking_uri": f"sqlite:///{tmp}/mlflow.db",
+                                               "artifact_location": f"{tmp}/artifacts"})
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        tracker = TimedTracker(cfg, run_name="benchmark")
+        augment = BatchAugment(AUGMENT, seed=config.train.seed)
+        result = train(config, data, Path(tmp) / "ckpt", tracker, [clock], gpu_augment=augment)
+        start = time.perf_counter()
+        tracker.close()
+        TimedTracker.spent += time.perf_counter() - start
+    summary = summarize("cnnops", clock.times, clock.accs, len(data.y["train"]), device)
+    summary["mlflow_share"] = round(TimedTracker.spent / result.metrics["train_seconds"], 4)
+    return summary
+
+
+def end_to_end(mirror: str, args) -> float:
+    """`cnnops train` as a process: start to checkpoint written (data already prepared)."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"}
+    overrides = [f"fetch.mirror={mirror}", f"train.max_epochs={args.e2e_epochs}",
+                 f"train.batch_size={args.batch_size}"]
+    if args.bf16:
+        overrides.append("train.precision=bf16-mixed")
+    cmd = [sys.executable, "-m", "cnnops"]
+    sets = [a for o in overrides for a in ("--set", o)]
+    with tempfile.TemporaryDirectory() as tmp:
+        params = Path(tmp) / "params.yaml"
+        params.write_text((ROOT / "pipelines" / "mnist" / "params.yaml").read_text())
+        for stage in ("fetch", "prepare"):
+            subprocess.run([*cmd, stage, *sets], cwd=tmp, env=env, check=True, capture_output=True)
+        start = time.perf_counter()
+        subprocess.run([*cmd, "train", *sets], cwd=tmp, env=env, check=True, capture_output=True)
+        return round(time.perf_counter() - start, 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mirror", required=True, help="folder with the four MNIST IDX .gz files")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--typical-epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--train-size", type=int, default=None, help="use only this many training images")
+    parser.add_argument("--workers", type=int, default=min(15, (os.cpu_count() or 2) - 1))
+    parser.add_argument("--compile", action="store_true", help="torch.compile in the cnnops run")
+    parser.add_argument("--only", nargs="*", default=["raw", "typical", "cnnops", "e2e"])
+    parser.add_argument("--e2e-epochs", type=int, default=5)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          args.device if args.device != "auto" else "cpu")
+    args.bf16 = device.type == "cuda"
+    torch.backends.cudnn.benchmark = True
+    config, data = load_mnist(args.mirror, args.train_size)
+    card = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU x{torch.get_num_threads()}"
+    print(f"device: {card}; train images {len(data.y['train'])}, batch {args.batch_size}, "
+          f"epochs {args.epochs}, torch {torch.__version__}", flush=True)
+    results = {}
+    runners = {"raw": raw_loop, "cnnops": cnnops_train, "typical": typical_stack}
+    for name in [n for n in ("raw", "cnnops", "typical") if n in args.only]:
+        results[name] = runners[name](config, data, args, device)
+        print(json.dumps(results[name]), flush=True)
+    if "e2e" in args.only:
+        results["e2e_train_s"] = end_to_end(args.mirror, args)
+        print(f"cnnops train end to end: {results['e2e_train_s']} s", flush=True)
+    if "raw" in results and "cnnops" in results:
+        ratio = results["cnnops"]["images_per_s"] / results["raw"]["images_per_s"]
+        print(f"cnnops / raw throughput: {ratio:.2f}x")
+    if "typical" in results and "cnnops" in results:
+        ratio = results["cnnops"]["images_per_s"] / results["typical"]["images_per_s"]
+        print(f"cnnops / typical throughput: {ratio:.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps({"device": card, **results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from cnnops.cli import app
+
+app(prog_name="cnnops")
