@@ -94,7 +94,9 @@ def train(config: Config, prepared: Prepared, out_dir: Path, tracker: Tracker | 
         enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False,
     )
     module = build_module(config, prepared)
-    data = ImageData(prepared, t.batch_size, t.seed, eval_batch_size=config.evaluate.batch_size)
+    data = ImageData(prepared, t.batch_size, t.seed, eval_batch_size=config.evaluate.batch_size,
+                     augment=config.augment, num_workers=t.num_workers)
+    tracker.log_artifact(save_pipeline(config, prepared, out_dir))
     started = time.perf_counter()
     trainer.fit(module, datamodule=data)
     elapsed = time.perf_counter() - started
@@ -110,6 +112,16 @@ def train(config: Config, prepared: Prepared, out_dir: Path, tracker: Tracker | 
         "train_seconds": round(elapsed, 2),
     }
     return TrainResult(out_dir / "best.ckpt", out_dir / "last.ckpt", metrics, curves.rows)
+
+
+def save_pipeline(config: Config, prepared: Prepared, out_dir: Path) -> Path:
+    """The exact training transforms, serialized by Albumentations, beside the checkpoints."""
+    from cnnops.augment import build_transforms, save_transforms
+
+    path = out_dir / "transforms.json"
+    shape = prepared.shape[1:]
+    save_transforms(build_transforms(config.augment, True, shape, seed=config.train.seed), path)
+    return path
 
 
 def load_classifier(path: Path, map_location: str | torch.device = "cpu") -> Classifier:
@@ -143,6 +155,12 @@ def train_stage(config: Config) -> dict[str, Any]:
         resolved.write_text(dump_config(config))
         for path in (resolved, paths.reports / "train_curves.png", paths.reports / "train_curves.csv"):
             tracker.log_artifact(path)
+        if config.augment.transforms:
+            from cnnops.augment import write_preview
+
+            preview = paths.models / "train" / "augment_preview.png"
+            tracker.log_artifact(write_preview(config.augment, prepared.x["train"], preview,
+                                               seed=config.train.seed))
         summary = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
         tracker.log_metrics(summary, step=result.metrics["epochs_run"])
     except BaseException:
