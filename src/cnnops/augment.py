@@ -57,7 +57,7 @@ VOCABULARY: dict[str, Entry] = {
     "hflip": Entry("HorizontalFlip"),
     "vflip": Entry("VerticalFlip"),
     "random_resized_crop": Entry("RandomResizedCrop", {
-        "area": Param(0.25, 0.0, 0.95, "crop keeps a fraction of the area uniform in [1 - area, 1]"),
+        "area": Param(0.25, 0.0, 0.95, "the crop keeps an area fraction uniform in [1 - area, 1]"),
         "ratio": Param(0.25, 0.0, 1.0, "aspect ratio log-uniform in [1 / (1 + ratio), 1 + ratio]"),
     }, {"scale": "area", "ratio": "ratio"}),
     "crop_and_pad": Entry("CropAndPad", {
@@ -70,7 +70,7 @@ VOCABULARY: dict[str, Entry] = {
     }, {"brightness_limit": "brightness", "contrast_limit": "contrast"}),
     "gauss_noise": Entry("GaussNoise", {
         # No upper bound here: Albumentations' own schema checks std_range (a fraction ≤ 1).
-        "std": Param(0.05, 0.0, float("inf"), "noise std uniform in [0, std] as a fraction of max value"),
+        "std": Param(0.05, 0.0, float("inf"), "noise std uniform in [0, std], a fraction of 255"),
     }, {"std_range": "std"}),
     "gaussian_blur": Entry("GaussianBlur", {
         "sigma": Param(1.0, 0.0, 10.0, "blur std in pixels uniform in [0, sigma]"),
@@ -154,7 +154,8 @@ def _check_vocabulary(spec: Augment) -> None:
             param = entry.params.get(k)
             if param is None:
                 allowed = ", ".join(entry.params) or "none (only p)"
-                raise ConfigError(f"{key}.params.{k}: unknown parameter of {t.name}; allowed: {allowed}")
+                raise ConfigError(f"{key}.params.{k}: unknown parameter of {t.name}; "
+                                  f"allowed: {allowed}")
             if param.integer and value != int(value):
                 raise ConfigError(f"{key}.params.{k} = {value!r}: must be a whole number")
             if not param.low <= value <= param.high:
@@ -162,7 +163,8 @@ def _check_vocabulary(spec: Augment) -> None:
                                   f"{param.high:g}] ({param.meaning})")
 
 
-def _build_one(i: int, name: str, p: float, values: dict[str, float], shape: tuple[int, int]) -> Any:
+def _build_one(i: int, name: str, p: float, values: dict[str, float],
+               shape: tuple[int, int]) -> Any:
     A = _albumentations()
     entry = VOCABULARY[name]
     try:
@@ -172,7 +174,8 @@ def _build_one(i: int, name: str, p: float, values: dict[str, float], shape: tup
         cause = e.__cause__
         errors = cause.errors() if hasattr(cause, "errors") else []
         arg = str(errors[0]["loc"][0]) if errors and errors[0]["loc"] else ""
-        where = f"params.{entry.sources[arg]}" if arg in entry.sources else "p" if arg == "p" else ""
+        where = "p" if arg == "p" else ""
+        where = f"params.{entry.sources[arg]}" if arg in entry.sources else where
         got = f" {arg}={errors[0]['input']!r}" if errors and arg else ""
         message = errors[0]["msg"] if errors else str(e)
         raise ConfigError(f"augment.transforms[{i}].{where or 'params'}: {entry.albumentations} "
@@ -220,8 +223,9 @@ def load_transforms(path: Path) -> A.Compose:
     return _albumentations().load(str(path), data_format="json")
 
 
-def preview_rows(x: np.ndarray, compose: A.Compose, n: int, draws: int, seed: int) -> list[list[np.ndarray]]:
-    """`n` images picked by `seed` from uint8 (N, C, H, W): each the original, then `draws` draws."""
+def preview_rows(x: np.ndarray, compose: A.Compose, n: int, draws: int,
+                 seed: int) -> list[list[np.ndarray]]:
+    """`n` images picked by `seed` from uint8 (N, C, H, W), each followed by `draws` draws."""
     import numpy as np
 
     rng = np.random.default_rng(seed)

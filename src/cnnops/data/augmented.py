@@ -18,7 +18,7 @@ from cnnops.augment import apply
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
-    """Yields (epoch, index): a fresh permutation per epoch from `seed + epoch`, like TensorBatches."""
+    """Yields (epoch, index): a fresh permutation per epoch from `seed + epoch`."""
 
     def __init__(self, n: int, seed: int) -> None:
         self.n, self.seed, self.epoch = n, seed, 0
