@@ -96,10 +96,11 @@ def train(config: Config, prepared: Prepared, out_dir: Path, tracker: Tracker | 
     module = build_module(config, prepared)
     data = ImageData(prepared, t.batch_size, t.seed, eval_batch_size=config.evaluate.batch_size,
                      augment=config.augment, num_workers=t.num_workers)
-    tracker.log_artifact(save_pipeline(config, prepared, out_dir))
     started = time.perf_counter()
     trainer.fit(module, datamodule=data)
     elapsed = time.perf_counter() - started
+    # Written after fit: Lightning warns about a non-empty checkpoint folder before it.
+    tracker.log_artifact(save_pipeline(config, prepared, out_dir))
     best = best_row(curves.rows, monitor)
     metrics = {
         "best_epoch": int(best.get("epoch", 0)),
