@@ -171,7 +171,7 @@ def _build_one(i: int, name: str, p: float, values: dict[str, float],
         # strict: an argument the class does not know is an error here, not a warning.
         return getattr(A, entry.albumentations)(**_kwargs(name, values, shape), p=p, strict=True)
     except ValueError as e:
-        cause = e.__cause__
+        cause: Any = e.__cause__  # Albumentations wraps its pydantic ValidationError
         errors = cause.errors() if hasattr(cause, "errors") else []
         arg = str(errors[0]["loc"][0]) if errors and errors[0]["loc"] else ""
         where = "p" if arg == "p" else ""

@@ -26,7 +26,8 @@ def epochs(data: ImageData, n: int = 2) -> list[list[tuple[torch.Tensor, torch.T
 
 
 def same(a: list, b: list) -> bool:
-    return all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b, strict=True))
+    pairs = zip(a, b, strict=True)
+    return all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in pairs)
 
 
 def test_same_seed_gives_identical_batches_with_two_workers() -> None:
@@ -51,7 +52,8 @@ def test_augmented_batches_are_uint8_chw_with_their_labels() -> None:
     x, y = next(iter(ImageData(p, 16, seed=0, augment=AUGMENT).train_dataloader()))
     assert x.shape == (16, 3, 12, 10) and x.dtype == torch.uint8
     assert y.dtype == torch.int64
-    labels = sorted(int(v) for _, y in epochs(ImageData(p, 16, 0, augment=AUGMENT), 1)[0] for v in y)
+    batches = epochs(ImageData(p, 16, 0, augment=AUGMENT), 1)[0]
+    labels = sorted(int(v) for _, y in batches for v in y)
     assert labels == sorted(p.y["train"].tolist())
 
 

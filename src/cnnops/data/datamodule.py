@@ -56,7 +56,8 @@ class ImageData(L.LightningDataModule):
     """Serves the prepared splits; `resident` puts them on the training device once."""
 
     def __init__(self, prepared: Prepared, batch_size: int, seed: int, eval_batch_size: int = 512,
-                 resident: bool = True, augment: Augment | None = None, num_workers: int = 0) -> None:
+                 resident: bool = True, augment: Augment | None = None,
+                 num_workers: int = 0) -> None:
         super().__init__()
         self.prepared = prepared
         self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
@@ -89,6 +90,7 @@ class ImageData(L.LightningDataModule):
         from cnnops.augment import build_transforms
         from cnnops.data.augmented import augmented_loader
 
+        assert self.augment is not None
         x, y = self.prepared.x["train"], self.prepared.y["train"]
         compose = build_transforms(self.augment, train=True, shape=x.shape[2:], seed=self.seed)
         return augmented_loader(x, y, compose, self.batch_size, self.seed, self.num_workers)
