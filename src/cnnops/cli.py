@@ -92,6 +92,26 @@ def train(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     _print(train_stage(_config(params, set_)))
 
 
+NOpt = Annotated[int, typer.Option("--n", min=1, max=64, help="Training images, one per row.")]
+DrawsOpt = Annotated[int, typer.Option("--draws", min=1, max=32, help="Augmented draws per image.")]
+OutOpt = Annotated[Path | None, typer.Option(
+    "--out", help="The PNG to write; paths.reports/augment_preview.png when unset.")]
+
+
+@app.command("augment-preview")
+@clear_errors
+def augment_preview(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, n: NOpt = 8,
+                    draws: DrawsOpt = 8, out: OutOpt = None) -> None:
+    """Draw a PNG grid of training images with augmented draws of each: what the model sees."""
+    from cnnops.augment import write_preview
+    from cnnops.data import prepare
+
+    config = _config(params, set_)
+    x = prepare.load(config.paths.prepared, mmap=True).x["train"]
+    path = out or config.paths.reports / "augment_preview.png"
+    typer.echo(write_preview(config.augment, x, path, n, draws, seed=config.train.seed))
+
+
 @app.command()
 @clear_errors
 def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:

@@ -128,6 +128,24 @@ class Train(Section):
     label_smoothing: Fraction = 0.0
 
 
+class Transform(Section):
+    name: str
+    """An entry of the augmentation vocabulary (`cnnops.augment.VOCABULARY`)."""
+    p: Probability = 0.5
+    params: dict[str, float] = Field(default_factory=dict)
+    """Magnitudes by the entry's parameter names; unset ones take the vocabulary default."""
+
+
+class Augment(Section):
+    strength: Probability = 1.0
+    """Scales every magnitude in `transforms` (0 leaves images unchanged; flips keep their p)."""
+    transforms: list[Transform] = Field(default_factory=list)
+    """Applied in order to each training image."""
+    engine: Literal["auto", "batched", "albumentations"] = "auto"
+    """batched: whole batches on the training device (the fast path); albumentations: per image
+    in DataLoader workers; auto: batched whenever every transform has a batched implementation."""
+
+
 class Evaluate(Section):
     batch_size: Annotated[int, Field(ge=1)] = 512
 
@@ -144,6 +162,7 @@ class Config(Section):
     fetch: Fetch = Fetch()
     prepare: Prepare = Prepare()
     model: Model = Model()
+    augment: Augment = Augment()
     train: Train = Train()
     evaluate: Evaluate = Evaluate()
     mlflow: Mlflow = Mlflow()
@@ -233,6 +252,10 @@ def load_config(path: Path = Path("params.yaml"), overrides: list[str] | None = 
     from cnnops.models import check_architecture
 
     check_architecture(config)
+    if config.augment.transforms:  # only then is Albumentations worth importing
+        from cnnops.augment import check_spec
+
+        check_spec(config.augment)
     return config
 
 

@@ -27,6 +27,7 @@ class Classifier(L.LightningModule):
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
         self.gpu_augment: torch.nn.Module | None = None
         self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.uint8:
@@ -55,20 +56,22 @@ class Classifier(L.LightningModule):
         smoothing = self.train_spec.label_smoothing if stage == "train" else 0.0
         loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
         # Sums stay on the device and are read once per epoch: no GPU sync per step.
-        stats = torch.stack([loss.detach().float() * len(y), (logits.argmax(1) == y).sum().float(),
-                             torch.tensor(float(len(y)), device=loss.device)])
+        stats = torch.stack([loss.detach().float() * len(y), (logits.argmax(1) == y).sum().float()])
         previous = self._sums.get(stage)
         self._sums[stage] = stats if previous is None else previous + stats
+        self._counts[stage] = self._counts.get(stage, 0) + len(y)  # known on the host: no copy
         return loss
 
     def epoch_metrics(self, stage: str) -> dict[str, float]:
         """Mean loss and accuracy of `stage` since the last call, over all ranks."""
-        sums = self._sums.pop(stage, None)
+        sums, count = self._sums.pop(stage, None), self._counts.pop(stage, 0)
         if sums is None:
             return {}
         if self.trainer.world_size > 1:
+            sums = torch.cat([sums, sums.new_tensor([count])])
             sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
-        loss, correct, count = sums.tolist()
+            count = sums[2].item()
+        loss, correct = sums[:2].tolist()
         return {f"{stage}_loss": loss / count, f"{stage}_acc": correct / count}
 
     def on_validation_epoch_end(self) -> None:

@@ -86,3 +86,25 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_image_grid(rows: list[list[np.ndarray]], path: Path, title: str = "") -> None:
+    """uint8 (C, H, W) images in a grid, one row per list; the first column labelled original."""
+    plt = _pyplot()
+    cols = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(cols * 1.1, len(rows) * 1.1 + 0.4),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for r, images in enumerate(rows):
+        for c, image in enumerate(images):
+            hwc = image.transpose(1, 2, 0)
+            gray = hwc.shape[2] == 1
+            axes[r][c].imshow(hwc[:, :, 0] if gray else hwc, cmap="gray" if gray else None,
+                              vmin=0, vmax=255, interpolation="nearest")
+    axes[0][0].set_title("original", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

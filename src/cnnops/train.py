@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from cnnops.config import Config
 from cnnops.data.datamodule import ImageData
 from cnnops.data.prepare import Prepared
-from cnnops.errors import DataError
+from cnnops.errors import ConfigError, DataError
 from cnnops.module import Classifier
 from cnnops.tracking import NullTracker, Tracker
 
@@ -62,6 +62,24 @@ def _precision(value: str) -> str:
     return "32-true" if value == "32" else value
 
 
+def batched_engine(config: Config, prepared: Prepared) -> torch.nn.Module | None:
+    """The on-device augmentation engine when the spec allows it (the fast path), else None."""
+    spec = config.augment
+    if not spec.transforms or spec.engine == "albumentations":
+        return None
+    from cnnops.augment import resolve
+    from cnnops.augment_batched import BatchAugment, supports
+
+    resolved = resolve(spec)
+    if not supports(resolved):
+        if spec.engine == "batched":
+            names = sorted({n for n, _, _ in resolved})
+            raise ConfigError(f"augment.engine = 'batched': not every transform of {names} has a "
+                              "batched implementation; use engine: auto or albumentations")
+        return None
+    return BatchAugment(resolved, seed=config.train.seed)
+
+
 def best_row(rows: list[dict[str, float]], monitor: str) -> dict[str, float]:
     scored = [r for r in rows if monitor in r]
     if not scored:
@@ -101,13 +119,17 @@ def train(config: Config, prepared: Prepared, out_dir: Path, tracker: Tracker | 
     module = build_module(config, prepared)
     if torch.cuda.is_available() and t.accelerator != "cpu":
         module = module.to(memory_format=torch.channels_last)  # NHWC convolutions on tensor cores
-    module.gpu_augment = gpu_augment
     if t.compile:
         module.net.compile()  # in place: checkpoint keys stay those of the plain module
-    data = ImageData(prepared, t.batch_size, t.seed, eval_batch_size=config.evaluate.batch_size)
+    module.gpu_augment = gpu_augment or batched_engine(config, prepared)
+    workers_augment = config.augment if module.gpu_augment is None else None
+    data = ImageData(prepared, t.batch_size, t.seed, eval_batch_size=config.evaluate.batch_size,
+                     augment=workers_augment, num_workers=t.num_workers)
     started = time.perf_counter()
     trainer.fit(module, datamodule=data)
     elapsed = time.perf_counter() - started
+    # Written after fit: Lightning warns about a non-empty checkpoint folder before it.
+    tracker.log_artifact(save_pipeline(config, prepared, out_dir))
     best = best_row(curves.rows, monitor)
     metrics = {
         "best_epoch": int(best.get("epoch", 0)),
@@ -120,6 +142,16 @@ def train(config: Config, prepared: Prepared, out_dir: Path, tracker: Tracker | 
         "train_seconds": round(elapsed, 2),
     }
     return TrainResult(out_dir / "best.ckpt", out_dir / "last.ckpt", metrics, curves.rows)
+
+
+def save_pipeline(config: Config, prepared: Prepared, out_dir: Path) -> Path:
+    """The exact training transforms, serialized by Albumentations, beside the checkpoints."""
+    from cnnops.augment import build_transforms, save_transforms
+
+    path = out_dir / "transforms.json"
+    shape = prepared.shape[1:]
+    save_transforms(build_transforms(config.augment, True, shape, seed=config.train.seed), path)
+    return path
 
 
 def load_classifier(path: Path, map_location: str | torch.device = "cpu") -> Classifier:
@@ -153,6 +185,12 @@ def train_stage(config: Config) -> dict[str, Any]:
         resolved.write_text(dump_config(config))
         for path in (resolved, paths.reports / "train_curves.png", paths.reports / "train_curves.csv"):
             tracker.log_artifact(path)
+        if config.augment.transforms:
+            from cnnops.augment import write_preview
+
+            preview = paths.models / "train" / "augment_preview.png"
+            tracker.log_artifact(write_preview(config.augment, prepared.x["train"], preview,
+                                               seed=config.train.seed))
         summary = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
         tracker.log_metrics(summary, step=result.metrics["epochs_run"])
     except BaseException:

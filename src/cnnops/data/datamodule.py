@@ -1,13 +1,20 @@
-"""Batches for Lightning: index-drawn from resident uint8 tensors (the fast path)."""
+"""Batches for Lightning: index-drawn from resident uint8 tensors (the fast path), or, when the
+augmentation spec has transforms, a DataLoader whose workers augment each training sample."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
 
 from cnnops.data.prepare import Prepared
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
+
+    from cnnops.config import Augment
 
 
 class TensorBatches:
@@ -45,23 +52,32 @@ class TensorBatches:
             yield self.x[i], self.y[i]
 
 
+def fits(x: torch.Tensor, device: torch.device) -> bool:
+    """Whether `x` can live on `device` leaving most of its memory to the model."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return x.nbytes < free // 4
+
+
 class ImageData(L.LightningDataModule):
     """Serves the prepared splits; `resident` puts them on the training device once."""
 
     def __init__(self, prepared: Prepared, batch_size: int, seed: int, eval_batch_size: int = 512,
-                 resident: bool = True) -> None:
+                 resident: bool = True, augment: Augment | None = None,
+                 num_workers: int = 0) -> None:
         super().__init__()
         self.prepared = prepared
         self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
-        self.resident = resident
+        self.resident, self.augment, self.num_workers = resident, augment, num_workers
         self._tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         if name not in self._tensors:
             x = torch.from_numpy(self.prepared.x[name].copy())
             y = torch.from_numpy(self.prepared.y[name])
-            if self.resident and self.trainer is not None:
-                device = self.trainer.strategy.root_device
+            device = self.trainer.strategy.root_device if self.trainer is not None else None
+            if self.resident and device is not None and fits(x, device):
                 x, y = x.to(device), y.to(device)
             self._tensors[name] = (x, y)
         return self._tensors[name]
@@ -71,10 +87,21 @@ class ImageData(L.LightningDataModule):
             return 0, 1
         return self.trainer.global_rank, self.trainer.world_size
 
-    def train_dataloader(self) -> TensorBatches:
+    def train_dataloader(self) -> TensorBatches | DataLoader:
+        if self.augment is not None and self.augment.transforms:
+            return self._augmented()
         rank, world = self._rank()
         return TensorBatches(*self._split("train"), self.batch_size, shuffle=True, seed=self.seed,
                              rank=rank, world_size=world, drop_last=world > 1)
+
+    def _augmented(self) -> DataLoader:
+        from cnnops.augment import build_transforms
+        from cnnops.data.augmented import augmented_loader
+
+        assert self.augment is not None
+        x, y = self.prepared.x["train"], self.prepared.y["train"]
+        compose = build_transforms(self.augment, train=True, shape=x.shape[2:], seed=self.seed)
+        return augmented_loader(x, y, compose, self.batch_size, self.seed, self.num_workers)
 
     def val_dataloader(self) -> TensorBatches:
         rank, world = self._rank()
