@@ -89,8 +89,7 @@ def best_row(rows: list[dict[str, float]], monitor: str) -> dict[str, float]:
 
 
 def train(config: Config, prepared: Prepared, out_dir: Path, tracker: Tracker | None = None,
-          callbacks: list[Callback] | None = None,
-          gpu_augment: torch.nn.Module | None = None) -> TrainResult:
+          callbacks: list[Callback] | None = None) -> TrainResult:
     """Train `config.model` on `prepared`; checkpoints (best and last) land in `out_dir`."""
     t = config.train
     # Stale checkpoints from an earlier run must not pass for this run's best.
@@ -121,7 +120,7 @@ def train(config: Config, prepared: Prepared, out_dir: Path, tracker: Tracker | 
         module = module.to(memory_format=torch.channels_last)  # NHWC convolutions on tensor cores
     if t.compile:
         module.net.compile()  # in place: checkpoint keys stay those of the plain module
-    module.gpu_augment = gpu_augment or batched_engine(config, prepared)
+    module.gpu_augment = batched_engine(config, prepared)
     workers_augment = config.augment if module.gpu_augment is None else None
     data = ImageData(prepared, t.batch_size, t.seed, eval_batch_size=config.evaluate.batch_size,
                      augment=workers_augment, num_workers=t.num_workers)
