@@ -124,6 +124,8 @@ class Train(Section):
     deterministic: bool = False
     num_workers: Annotated[int, Field(ge=0, le=64)] = 0
     compile: bool = False
+    channels_last: bool = True
+    """NHWC memory format for convolutions on CUDA (tensor-core friendly)."""
     """torch.compile the network (pays off on GPU for long runs; warm-up takes seconds)."""
     label_smoothing: Fraction = 0.0
 

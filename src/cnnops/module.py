@@ -46,7 +46,7 @@ class Classifier(L.LightningModule):
         if self.trainer.training and self.gpu_augment is not None:
             x = self.gpu_augment(x)
         x = self.normalize(x)
-        if x.is_cuda:
+        if x.is_cuda and self.train_spec.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y
 

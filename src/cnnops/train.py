@@ -113,10 +113,11 @@ def train(config: Config, prepared: Prepared, out_dir: Path, tracker: Tracker | 
         precision=_precision(t.precision), deterministic=t.deterministic, logger=False,
         callbacks=all_callbacks, default_root_dir=out_dir, num_sanity_val_steps=0,
         enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False,
-        benchmark=not t.deterministic,
+        # cuDNN autotuning costs seconds of warm-up that small networks never earn back.
+        benchmark=False,
     )
     module = build_module(config, prepared)
-    if torch.cuda.is_available() and t.accelerator != "cpu":
+    if t.channels_last and torch.cuda.is_available() and t.accelerator != "cpu":
         module = module.to(memory_format=torch.channels_last)  # NHWC convolutions on tensor cores
     if t.compile:
         module.net.compile()  # in place: checkpoint keys stay those of the plain module
