@@ -29,7 +29,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cnnops.augment_batched import BatchAugment
 from cnnops.config import Augment, Config, Transform, load_config
 from cnnops.data.prepare import Prepared, split
 from cnnops.data.sources import fetch
@@ -57,6 +56,7 @@ def load_mnist(mirror: str, train_size: int | None) -> tuple[Config, Prepared]:
 
 
 def test_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, norm) -> float:
+    """Accuracy on the test set; `norm` maps uint8 pixels (or floats in [0, 255]) to the input scale."""
     model.eval()
     correct = 0
     with torch.inference_mode(), torch.autocast(x.device.type, torch.bfloat16, enabled=x.is_cuda):
@@ -98,7 +98,13 @@ def raw_loop(config: Config, data: Prepared, args, device) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=config.train.optimizer.lr, weight_decay=1e-4)
     steps = len(y) // args.batch_size
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.train.optimizer.lr, total_steps=steps * args.epochs)
-    augment = BatchAugment(AUGMENT, seed=0)
+    def augment(xb: torch.Tensor) -> torch.Tensor:
+        # Random translate by up to SHIFT of the side per axis, bilinear, zero fill.
+        theta = torch.zeros(len(xb), 2, 3, device=device)
+        theta[:, 0, 0] = theta[:, 1, 1] = 1
+        theta[:, :, 2] = (torch.rand(len(xb), 2, device=device) * 2 - 1) * SHIFT * 2
+        grid = F.affine_grid(theta, list(xb.shape), align_corners=False)
+        return F.grid_sample(xb, grid, align_corners=False)
 
     def norm(xb: torch.Tensor) -> torch.Tensor:
         return (xb.float() / 255 - mean) / std
@@ -111,7 +117,7 @@ def raw_loop(config: Config, data: Prepared, args, device) -> dict:
         for i in range(steps):
             idx = perm[i * args.batch_size : (i + 1) * args.batch_size]
             with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
-                loss = F.cross_entropy(model(norm(augment(x[idx]))), y[idx])
+                loss = F.cross_entropy(model(norm(augment(x[idx].float()))), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -3,7 +3,8 @@
 It reads the same resolved vocabulary as the Albumentations engine (`cnnops.augment.resolve`) and
 draws each parameter from the same distribution, one draw per image, so the two engines are
 interchangeable (tests compare their statistics). Geometry goes through one `affine_grid` +
-`grid_sample` per transform; pixel ops are elementwise. Input and output are uint8 (N, C, H, W).
+`grid_sample` per transform; pixel ops are elementwise. Input is uint8 or float (N, C, H, W) pixel
+values; output is float pixel values in [0, 255], left unrounded (the network's input is float).
 """
 
 from __future__ import annotations
@@ -49,9 +50,12 @@ class BatchAugment(nn.Module):
         g = self._rng(x.device)
         out = x.float()
         for name, p, v in self.resolved:
+            if p >= 1.0:
+                out = _OPS[name](out, v, g)
+                continue
             apply = torch.rand(len(x), device=x.device, generator=g) < p
             out = torch.where(apply.view(-1, 1, 1, 1), _OPS[name](out, v, g), out)
-        return out.round_().clamp_(0, 255).to(torch.uint8)
+        return out
 
 
 def _uniform(n: int, low: float | torch.Tensor, high: float | torch.Tensor, g: torch.Generator,
@@ -66,27 +70,39 @@ def _warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
 
 
 def affine(x: torch.Tensor, v: dict[str, float], g: torch.Generator) -> torch.Tensor:
-    # As Albumentations' Affine: rotate, shear and scale about the centre, then translate;
-    # x and y scale, shear and translate draw independently (keep_ratio=False).
+    # As Albumentations' Affine: scale, shear and rotate about the centre, then translate;
+    # x and y scale, shear and translate draw independently (keep_ratio=False). Components with
+    # zero magnitude are skipped, which keeps a translate-only spec at a handful of kernels.
     n, dev = len(x), x.device
     h, w = x.shape[-2:]
-    angle = torch.deg2rad(_uniform(n, -v["rotate"], v["rotate"], g, dev))
-    sx, sy = (_uniform(n, 1 - v["scale"], 1 + v["scale"], g, dev) for _ in range(2))
-    hx, hy = (torch.tan(torch.deg2rad(_uniform(n, -v["shear"], v["shear"], g, dev))) for _ in range(2))
-    tx, ty = (_uniform(n, -v["translate"], v["translate"], g, dev) for _ in range(2))
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    rot = torch.stack([cos, -sin, sin, cos], 1).view(n, 2, 2)
-    shear = torch.stack([torch.ones_like(hx), hx, hy, torch.ones_like(hy)], 1).view(n, 2, 2)
-    forward = rot @ shear @ torch.diag_embed(torch.stack([sx, sy], 1))
-    # Pixel units → normalized units, so rotation stays a rotation on non-square images.
-    # (Python scalars only: a tensor built from host data here would sync the GPU every batch.)
-    inverse = _inverse_2x2(forward)
-    aspect = torch.stack([torch.ones_like(sx), torch.full_like(sx, h / w),
-                          torch.full_like(sx, w / h), torch.ones_like(sx)], 1).view(n, 2, 2)
-    matrix = inverse * aspect
-    shift = torch.stack([tx * 2, ty * 2], 1).unsqueeze(2)  # fraction of side → normalized units
-    theta = torch.cat([matrix, -(matrix @ shift)], dim=2)
-    return _warp(x, theta)
+    forward = None
+    if v["scale"] > 0:
+        sx, sy = (_uniform(n, 1 - v["scale"], 1 + v["scale"], g, dev) for _ in range(2))
+        forward = torch.diag_embed(torch.stack([sx, sy], 1))
+    if v["shear"] > 0:
+        hx, hy = (torch.tan(torch.deg2rad(_uniform(n, -v["shear"], v["shear"], g, dev))) for _ in range(2))
+        one = torch.ones_like(hx)
+        shear = torch.stack([one, hx, hy, one], 1).view(n, 2, 2)
+        forward = shear if forward is None else shear @ forward
+    if v["rotate"] > 0:
+        angle = torch.deg2rad(_uniform(n, -v["rotate"], v["rotate"], g, dev))
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        rot = torch.stack([cos, -sin, sin, cos], 1).view(n, 2, 2)
+        forward = rot if forward is None else rot @ forward
+    if forward is None:
+        matrix = torch.eye(2, device=dev).expand(n, 2, 2)
+    else:
+        # Pixel units → normalized units, so rotation stays a rotation on non-square images.
+        matrix = _inverse_2x2(forward)
+        if h != w:
+            matrix[:, 0, 1] *= h / w
+            matrix[:, 1, 0] *= w / h
+    if v["translate"] > 0:
+        shift = _uniform(2 * n, -v["translate"], v["translate"], g, dev).view(n, 2, 1) * 2
+        offset = -(matrix @ shift)
+    else:
+        offset = torch.zeros(n, 2, 1, device=dev)
+    return _warp(x, torch.cat([matrix, offset], dim=2))
 
 
 def _inverse_2x2(m: torch.Tensor) -> torch.Tensor:

@@ -25,15 +25,22 @@ class Classifier(L.LightningModule):
         self.net = build_model(self.spec, in_channels, num_classes, image_size)
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+        # (x / 255 - mean) / std folded into one multiply-add on pixel values.
+        self.register_buffer("scale", 1 / (255 * self.std), persistent=False)
+        self.register_buffer("shift", -self.mean / self.std, persistent=False)
         self.gpu_augment: torch.nn.Module | None = None
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels → standardized floats; float input is taken as already standardized."""
         if x.dtype == torch.uint8:
-            x = x.float().div_(255.0)
-            return (x - self.mean) / self.std
+            return self.standardize(x.float())
         return x
+
+    def standardize(self, x: torch.Tensor) -> torch.Tensor:
+        """Float pixel values in [0, 255] → the network's input scale."""
+        return torch.addcmul(self.shift, x, self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.normalize(x))
@@ -43,8 +50,8 @@ class Classifier(L.LightningModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         x, y = batch
-        if self.trainer.training and self.gpu_augment is not None:
-            x = self.gpu_augment(x)
+        if self.trainer.training and self.gpu_augment is not None and x.dtype == torch.uint8:
+            x = self.standardize(self.gpu_augment(x))
         x = self.normalize(x)
         if x.is_cuda and self.train_spec.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
