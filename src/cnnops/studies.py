@@ -72,6 +72,15 @@ def study_name(config: Config, prepared: Path) -> str:
     return f"cnnops-{config.fetch.source}-{digest}"
 
 
+def driver_url(url: str) -> str:
+    """`postgresql://` means psycopg 3 to SQLAlchemy 2.1; use psycopg2 when psycopg is absent."""
+    import importlib.util
+
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
+        return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
+    return url
+
+
 def open_storage(url: str, on_stale: Callable[[Any, Any], None]) -> optuna.storages.BaseStorage:
     """The journal file at `url`, or an RDB storage with heartbeats when `url` is a URL."""
     from optuna.storages import JournalStorage, RDBStorage
@@ -79,7 +88,7 @@ def open_storage(url: str, on_stale: Callable[[Any, Any], None]) -> optuna.stora
 
     if is_rdb(url):
         return RDBStorage(
-            url,
+            driver_url(url),
             heartbeat_interval=HEARTBEAT_S,
             grace_period=GRACE_S,
             heartbeat_stale_trial_callback=on_stale,
@@ -116,7 +125,9 @@ _engines: dict[str, Any] = {}
 def _advisory_lock(url: str, name: str) -> Iterator[None]:
     import sqlalchemy
 
-    engine = _engines.get(url) or _engines.setdefault(url, sqlalchemy.create_engine(url))
+    engine = _engines.get(url) or _engines.setdefault(
+        url, sqlalchemy.create_engine(driver_url(url))
+    )
     key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
     with engine.connect() as conn:
         conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
