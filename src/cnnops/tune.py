@@ -286,8 +286,23 @@ def run_worker(job: Job, on_trial: Callable[[optuna.Study], None] | None = None)
             time.sleep(POLL_S)
             continue
         run_trial(study, trial, job, prepared)  # type: ignore[arg-type]
+        _log(study, trial.number, job)  # type: ignore[union-attr]
         if on_trial:
             on_trial(study)
+
+
+def _log(study: optuna.Study, number: int, job: Job) -> None:
+    """One line per trial for logs; a terminal has the progress bar instead."""
+    if sys.stdout.isatty():
+        return
+    t = study.trials[number]
+    value = f" {job.config.tune.metric}={t.value:.5g}" if t.value is not None else ""
+    steps = f" after {len(t.intermediate_values)} epochs" if t.state.name == "PRUNED" else ""
+    print(
+        f"worker {job.worker}: trial {number} {t.state.name.lower()}{value}{steps}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def quiet() -> None:
