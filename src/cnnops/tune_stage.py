@@ -11,11 +11,12 @@ import shutil
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cnnops import studies, tune
 from cnnops.config import Config
-from cnnops.errors import CnnopsError
+from cnnops.errors import CnnopsError, DataError
 
 if TYPE_CHECKING:
     import optuna
@@ -116,7 +117,13 @@ def write_outputs(config: Config, study: optuna.Study) -> dict[str, Any]:
         ) from None
     folder, models = config.paths.reports / "tune", config.paths.models / "tune"
     models.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(best.user_attrs["checkpoint"], models / "best.ckpt")
+    checkpoint = Path(best.user_attrs["checkpoint"])
+    if not checkpoint.is_file():  # team mode: the best trial may have run on another machine
+        raise DataError(
+            f"{checkpoint}: best trial {best.number}'s checkpoint is not on this "
+            "machine; run `cnnops tune` where it ran, or share paths.models"
+        )
+    shutil.copy2(checkpoint, models / "best.ckpt")
     metrics = best.user_attrs.get("metrics", {})
     run_id = best.user_attrs.get("mlflow_run_id")
     reports.write_json(
