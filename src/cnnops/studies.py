@@ -59,9 +59,8 @@ def study_name(config: Config, prepared: Path) -> str:
         return config.tune.study_name
     # Everything a trial's value depends on; n_trials, workers and storage are not in it, so
     # asking for more trials (or more workers) continues the same study.
-    fixed = {k: getattr(config, k).model_dump(mode="json") for k in ("model", "train")}
-    if "augment" in type(config).model_fields:
-        fixed["augment"] = config.augment.model_dump(mode="json")
+    dumped = config.model_dump(mode="json")
+    fixed = {k: dumped[k] for k in ("model", "train", "augment") if k in dumped}
     key = {
         "space": config.tune.space.model_dump(mode="json"),
         "metric": config.tune.metric,

@@ -119,7 +119,7 @@ def child_run(job: Job, trial: optuna.Trial, params: dict[str, Any]) -> Iterator
 
     from cnnops import tracking
 
-    tracker: tracking.Tracker = tracking.NullTracker()
+    tracker: Any = tracking.NullTracker()
     if job.parent_run_id:
         tags = {
             "cnnops.stage": "tune",

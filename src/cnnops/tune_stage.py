@@ -34,7 +34,8 @@ class Progress:
     def update(self, study: optuna.Study) -> None:
         c = tune.counts(study)
         self.bar.n = c["complete"] + c["pruned"]
-        scores = [t.value for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+        trials = study.get_trials(deepcopy=False)
+        scores = [t.value for t in trials if t.state.name == "COMPLETE" and t.value is not None]
         if scores:
             best = max(scores) if study.direction.name == "MAXIMIZE" else min(scores)
             self.bar.set_postfix({f"best {self.metric}": f"{best:.4g}", "pruned": c["pruned"]})
