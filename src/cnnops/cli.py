@@ -14,10 +14,12 @@ import typer
 from cnnops.errors import CnnopsError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Reproducible CNN pipelines: fetch → prepare → train → evaluate.")
+                  help="Reproducible CNN pipelines: fetch → prepare → train → tune → evaluate.")
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="The params file to read.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-S", help="Override a value: KEY=VALUE (repeatable).")]
+WorkersOpt = Annotated[int | None, typer.Option(
+    "--workers", "-w", min=1, help="Worker processes on this machine (default: tune.workers).")]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -110,6 +112,16 @@ def augment_preview(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None
     x = prepare.load(config.paths.prepared, mmap=True).x["train"]
     path = out or config.paths.reports / "augment_preview.png"
     typer.echo(write_preview(config.augment, x, path, n, draws, seed=config.train.seed))
+
+
+@app.command()
+@clear_errors
+def tune(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
+         workers: WorkersOpt = None) -> None:
+    """Optuna search over the regularization levers; best params and checkpoint to paths.*/tune."""
+    from cnnops.tune_stage import tune_stage
+
+    _print(tune_stage(_config(params, set_), workers))
 
 
 @app.command()

@@ -152,6 +152,79 @@ class Evaluate(Section):
     batch_size: Annotated[int, Field(ge=1)] = 512
 
 
+Range = tuple[float, float]
+
+
+class Space(Section):
+    """Ranges of the tuned levers; the names and their scales are fixed in `cnnops.tune`."""
+
+    dropout_conv: Range | None = (0.0, 0.5)
+    dropout_fc: Range | None = (0.0, 0.6)
+    weight_decay: Range | None = (1e-6, 1e-2)
+    """Sampled on a log scale."""
+    l1: Range | None = (0.0, 1e-4)
+    batch_norm: list[bool] | None = Field(default_factory=lambda: [True, False], min_length=1)
+    noise_std: Range | None = (0.0, 0.3)
+    augment_strength: Range | None = (0.0, 1.0)
+    """Applied as augment.strength once the config has an augment section."""
+    lr: Range | None = (1e-4, 1e-2)
+    """Sampled on a log scale."""
+
+    @model_validator(mode="after")
+    def _ranges_are_ordered(self) -> Space:
+        for name, value in self:
+            if isinstance(value, tuple) and value[0] > value[1]:
+                raise ValueError(f"{name}: low {value[0]:g} is above high {value[1]:g}")
+            if name in ("weight_decay", "lr") and value and value[0] <= 0:
+                raise ValueError(f"{name}: a log-scale range must start above 0, got {value[0]:g}")
+        return self
+
+
+class Sampler(Section):
+    name: Literal["tpe"] = "tpe"
+    seed: int = 42
+    """Worker i seeds its sampler with seed + i, so parallel workers do not draw the same points."""
+    startup_trials: Annotated[int, Field(ge=0)] = 8
+    """Random trials before TPE starts modelling."""
+
+
+class Pruner(Section):
+    name: Literal["median", "hyperband", "none"] = "median"
+    startup_trials: Annotated[int, Field(ge=0)] = 4
+    """Trials that finish unpruned before the median pruner starts pruning."""
+    warmup_epochs: Annotated[int, Field(ge=0)] = 2
+    """Epochs of each trial that are never pruned."""
+
+
+class Tune(Section):
+    n_trials: Annotated[int, Field(ge=1)] = 20
+    """Finished (complete + pruned) trials the study ends with, over all workers and reruns."""
+    timeout: Annotated[float, Field(gt=0)] | None = None
+    """Seconds after which a `cnnops tune` run starts no new trial."""
+    metric: Literal["val_loss", "val_acc"] = "val_loss"
+    """Validation metric to optimize; it also drives each trial's early stopping and checkpoint."""
+    direction: Literal["minimize", "maximize"] | None = None
+    """Derived from the metric when unset."""
+    sampler: Sampler = Sampler()
+    pruner: Pruner = Pruner()
+    storage: str | None = None
+    """A journal file, or an RDB URL (postgresql://...); models/optuna/studies.journal if unset."""
+    study_name: str | None = None
+    """Derived from the search space, the trial settings and the data when unset."""
+    workers: Annotated[int, Field(ge=1, le=256)] = 1
+    space: Space = Space()
+
+    @model_validator(mode="after")
+    def _direction_fits_metric(self) -> Tune:
+        if self.direction and self.direction != self.goal:
+            raise ValueError(f"direction {self.direction!r} contradicts metric {self.metric!r}")
+        return self
+
+    @property
+    def goal(self) -> Literal["minimize", "maximize"]:
+        return "maximize" if self.metric.endswith("acc") else "minimize"
+
+
 class Mlflow(Section):
     experiment: str = "cnnops"
     tracking_uri: str = "sqlite:///mlflow.db"
@@ -167,6 +240,7 @@ class Config(Section):
     augment: Augment = Augment()
     train: Train = Train()
     evaluate: Evaluate = Evaluate()
+    tune: Tune = Tune()
     mlflow: Mlflow = Mlflow()
 
     @model_validator(mode="after")

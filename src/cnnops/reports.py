@@ -108,3 +108,48 @@ def plot_image_grid(rows: list[list[np.ndarray]], path: Path, title: str = "") -
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+STUDY_PLOTS = ("optimization_history", "param_importances", "parallel_coordinate")
+
+
+def plot_study(study: Any, folder: Path) -> None:
+    """Optuna's study plots as PNG (matplotlib) and HTML (plotly if installed, else PNG inline)."""
+    import warnings
+
+    import optuna.visualization.matplotlib as views
+
+    plt = _pyplot()
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in STUDY_PLOTS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna marks its matplotlib views experimental
+            try:
+                fig = getattr(views, f"plot_{name}")(study).figure
+            except (ValueError, RuntimeError) as e:  # e.g. importances need two complete trials
+                fig, ax = plt.subplots(figsize=(6, 2))
+                ax.text(0.5, 0.5, f"{name}: {e}", ha="center", va="center", wrap=True)
+                ax.axis("off")
+        fig.set_size_inches(10, 6)
+        fig.tight_layout()
+        fig.savefig(folder / f"{name}.png", dpi=100)
+        plt.close(fig)
+        _study_html(study, name, folder)
+
+
+def _study_html(study: Any, name: str, folder: Path) -> None:
+    import base64
+
+    path = folder / f"{name}.html"
+    try:
+        import optuna.visualization as views
+        import plotly  # noqa: F401  # optional: interactive pages when installed
+
+        # The whole plotly.js goes inline: the page must open offline.
+        getattr(views, f"plot_{name}")(study).write_html(path, include_plotlyjs=True)
+        return
+    except (ImportError, ValueError, RuntimeError):
+        pass
+    png = base64.b64encode((folder / f"{name}.png").read_bytes()).decode()
+    path.write_text(f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{name}</title>"
+                    f"</head><body><h1>{study.study_name}: {name.replace('_', ' ')}</h1>"
+                    f"<img src='data:image/png;base64,{png}' alt='{name}'></body></html>\n")

@@ -75,14 +75,19 @@ class MlflowTracker:
     """One MLflow run; metrics go out asynchronously and are flushed on `close`."""
 
     def __init__(self, cfg: Mlflow, run_name: str, parent_run_id: str | None = None,
-                 tags: dict[str, str] | None = None) -> None:
+                 tags: dict[str, str] | None = None, run_id: str | None = None) -> None:
         self.client = client(cfg)
+        self._pending: list[Any] = []
+        if run_id:  # reopen an existing run, e.g. a study's parent run on resume
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+            self.set_tags(tags or {})
+            return
         all_tags = dict(tags or {})
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(experiment_id(self.client, cfg), run_name=run_name, tags=all_tags)
         self.run_id = run.info.run_id
-        self._pending: list[Any] = []
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -113,6 +118,23 @@ class MlflowTracker:
             op.wait()
         self._pending.clear()
         self.client.set_terminated(self.run_id, status)
+
+
+def end_run(cfg: Mlflow, run_id: str, status: str, tags: dict[str, str]) -> None:
+    """Tag and terminate a run left open by a process that died."""
+    from mlflow.entities import RunTag
+
+    c = client(cfg)
+    c.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    c.set_terminated(run_id, status)
+
+
+def child_runs(cfg: Mlflow, parent_run_id: str) -> list[Any]:
+    """The runs nested under `parent_run_id`."""
+    c = client(cfg)
+    parent = c.get_run(parent_run_id)
+    return c.search_runs([parent.info.experiment_id], max_results=10000,
+                         filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
 
 
 def git_commit(cwd: Path = Path()) -> str:

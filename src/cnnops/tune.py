@@ -1,0 +1,343 @@
+"""The tune stage: an Optuna study over the regularization levers, each trial the same `train()`.
+
+    cnnops tune --workers 2 --set tune.n_trials=20
+
+Workers take trials with ask/tell under a study-wide lock (see `cnnops.studies`), so together
+they finish exactly `tune.n_trials` trials, however many workers run and however often the
+stage is interrupted and rerun.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from cnnops import studies
+from cnnops.config import Config
+from cnnops.errors import CnnopsError, ConfigError
+
+if TYPE_CHECKING:
+    import optuna
+
+    from cnnops.data.prepare import Prepared
+
+# The search space: each lever's config key. YAML gives only the ranges (tune.space).
+LEVERS = {
+    "dropout_conv": "model.dropout_conv",
+    "dropout_fc": "model.dropout_fc",
+    "weight_decay": "train.optimizer.weight_decay",
+    "l1": "train.l1",
+    "batch_norm": "model.batch_norm",
+    "noise_std": "model.noise_std",
+    "augment_strength": "augment.strength",
+    "lr": "train.optimizer.lr",
+}
+LOG_SCALE = {"weight_decay", "lr"}  # values spanning decades
+POLL_S = 2.0
+
+
+def active_levers(config: Config) -> dict[str, Any]:
+    """The levers with a range; augmentation strength only when there are transforms to scale."""
+    space = config.tune.space.model_dump()
+    # A dial that changes nothing would only add noise to the sampler and the importances.
+    has_augment = bool(config.augment.transforms)
+    return {
+        k: v for k, v in space.items() if v is not None and (k != "augment_strength" or has_augment)
+    }
+
+
+def sample(trial: optuna.Trial, config: Config) -> dict[str, Any]:
+    """Draw one value per active lever."""
+    params: dict[str, Any] = {}
+    for name, choices in active_levers(config).items():
+        if isinstance(choices, list):
+            params[name] = trial.suggest_categorical(name, choices)
+        else:
+            params[name] = trial.suggest_float(name, *choices, log=name in LOG_SCALE)
+    return params
+
+
+def apply(config: Config, params: dict[str, Any]) -> Config:
+    """`config` with the lever values set, revalidated like params.yaml."""
+    data = config.model_dump(mode="json")
+    for name, value in params.items():
+        *parents, leaf = LEVERS[name].split(".")
+        node = data
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    # The trial stops early and keeps its checkpoint on the very metric the study optimizes.
+    data["train"]["early_stopping"]["monitor"] = config.tune.metric
+    return Config.model_validate(data)
+
+
+def check_space(config: Config) -> None:
+    """Fail before any training if a range's end is not a valid value of its lever."""
+    for name, choices in active_levers(config).items():
+        for value in choices:
+            try:
+                apply(config, {name: value})
+            except ValidationError as e:
+                raise ConfigError(
+                    f"tune.space.{name} = {list(choices)}: {value!r} is not a "
+                    f"valid {LEVERS[name]}: {e.errors()[0]['msg']}"
+                ) from None
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a worker needs; picklable, so it crosses into spawned worker processes."""
+
+    config: Config
+    study: str
+    storage: str
+    parent_run_id: str | None = None
+    worker: int = 0
+    workers: int = 1
+    deadline: float | None = None
+
+
+def trial_dir(job: Job, number: int) -> Path:
+    # Outside the stage's DVC outs, so trials of an interrupted study survive the rerun.
+    return job.config.paths.models / "optuna" / job.study / f"trial-{number}"
+
+
+@contextmanager
+def child_run(job: Job, trial: optuna.Trial, params: dict[str, Any]) -> Iterator[Any]:
+    """One MLflow run per trial, nested under the study's run, tagged with how the trial ended."""
+    import optuna
+
+    from cnnops import tracking
+
+    tracker: Any = tracking.NullTracker()
+    if job.parent_run_id:
+        tags = {
+            "cnnops.stage": "tune",
+            "optuna.study": job.study,
+            "optuna.trial": str(trial.number),
+        }
+        tracker = tracking.MlflowTracker(
+            job.config.mlflow, f"trial-{trial.number}", parent_run_id=job.parent_run_id, tags=tags
+        )
+        trial.set_user_attr("mlflow_run_id", tracker.run_id)
+    tracker.log_params({f"hp.{k}": v for k, v in params.items()})
+    try:
+        yield tracker
+    except optuna.TrialPruned:
+        _end(tracker, "pruned", "KILLED")
+        raise
+    except BaseException:
+        _end(tracker, "failed", "FAILED")
+        raise
+    _end(tracker, "complete", "FINISHED")
+
+
+def _end(tracker: Any, state: str, status: str) -> None:
+    tracker.set_tags({"optuna.state": state})
+    tracker.close(status)
+
+
+def objective(trial: optuna.Trial, job: Job, prepared: Prepared) -> float:
+    """Sample the levers, train with them through the train stage's `train()`, score on val."""
+    from optuna_integration import PyTorchLightningPruningCallback
+
+    from cnnops.train import train
+
+    metric = job.config.tune.metric
+    params = sample(trial, job.config)
+    config = apply(job.config, params)
+    with child_run(job, trial, params) as tracker:
+        pruning = PyTorchLightningPruningCallback(trial, monitor=metric)
+        result = train(config, prepared, trial_dir(job, trial.number), tracker, [pruning])
+        summary = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
+        tracker.log_metrics(summary, step=result.metrics["epochs_run"])
+    result.last_checkpoint.unlink(missing_ok=True)
+    trial.set_user_attr("metrics", result.metrics)
+    trial.set_user_attr("checkpoint", str(result.best_checkpoint))
+    value = result.metrics[f"best_{metric}"]
+    if value is None:
+        raise RuntimeError(f"the trial logged no {metric}")
+    return float(value)
+
+
+def on_stale(config: Config) -> Callable[[Any, Any], None]:
+    """What happens to a dead worker's trial: re-enqueued with its params, its MLflow run failed."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    from cnnops import tracking
+
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=studies.MAX_RETRY)
+
+    def handle(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        retry(study, trial)
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id:
+            tracking.end_run(config.mlflow, run_id, "FAILED", {"optuna.state": "failed"})
+
+    return handle
+
+
+def open_study(job: Job) -> optuna.Study:
+    import optuna
+
+    tune = job.config.tune
+    storage = studies.open_storage(job.storage, on_stale(job.config))
+    study = optuna.create_study(
+        study_name=job.study,
+        storage=storage,
+        pruner=_pruner(job.config),
+        direction=tune.goal,
+        load_if_exists=True,
+    )
+    # A distinct seed per worker and per rerun: no two of them replay the same random draws.
+    seed = tune.sampler.seed + 10007 * job.worker + len(study.trials)
+    study.sampler = optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=tune.sampler.startup_trials
+    )
+    return study
+
+
+def _pruner(config: Config) -> optuna.pruners.BasePruner:
+    import optuna
+
+    p = config.tune.pruner
+    if p.name == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=p.startup_trials, n_warmup_steps=p.warmup_epochs
+        )
+    if p.name == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=max(p.warmup_epochs, 1), max_resource=config.train.max_epochs
+        )
+    return optuna.pruners.NopPruner()
+
+
+def counts(study: optuna.Study) -> dict[str, int]:
+    from collections import Counter
+
+    found = Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))
+    return {k: found.get(k, 0) for k in ("complete", "pruned", "fail", "running", "waiting")}
+
+
+def _next_trial(study: optuna.Study, job: Job) -> optuna.Trial | None | bool:
+    """Under the study lock: a new trial, None to wait for others, or False when done."""
+    n = job.config.tune.n_trials
+    with studies.study_lock(job.storage, job.study, job.config.paths.models / "optuna"):
+        studies.recover(study, on_stale(job.config))
+        c = counts(study)
+        finished = c["complete"] + c["pruned"]
+        if finished >= n or (job.deadline and time.time() > job.deadline):
+            return False
+        if c["fail"] > n:
+            raise CnnopsError(f"study {job.study}: {c['fail']} trials failed; see the errors above")
+        if finished + c["running"] >= n:
+            return None  # the last trials are running elsewhere; wait in case a worker dies
+        trial = study.ask()
+        trial.set_user_attr(studies.OWNER_KEY, studies.owner())
+        return trial
+
+
+def run_trial(study: optuna.Study, trial: optuna.Trial, job: Job, prepared: Prepared) -> None:
+    """Run one trial and record how it ended: complete, pruned, or failed (never disguised)."""
+    import optuna
+    from optuna.storages._heartbeat import get_heartbeat_thread  # what study.optimize uses
+    from optuna.trial import TrialState
+
+    with get_heartbeat_thread(trial._trial_id, study._storage):
+        try:
+            value = objective(trial, job, prepared)
+        except optuna.TrialPruned:
+            study.tell(trial, state=TrialState.PRUNED)
+            shutil.rmtree(trial_dir(job, trial.number), ignore_errors=True)
+            return
+        except Exception:
+            traceback.print_exc()
+            study.tell(trial, state=TrialState.FAIL)
+            return
+        except BaseException:
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+    study.tell(trial, value)  # a NaN value is recorded as FAIL by Optuna
+
+
+def run_worker(job: Job, on_trial: Callable[[optuna.Study], None] | None = None) -> None:
+    """Take trials until the study has `n_trials` finished ones (or the deadline passes)."""
+    import torch
+
+    from cnnops.data import prepare
+
+    quiet()
+    if job.workers > 1:  # share the CPU cores instead of oversubscribing them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.workers))
+    study = open_study(job)
+    prepared = prepare.load(job.config.paths.prepared)
+    while (trial := _next_trial(study, job)) is not False:
+        if trial is None:
+            time.sleep(POLL_S)
+            continue
+        run_trial(study, trial, job, prepared)  # type: ignore[arg-type]
+        _log(study, trial.number, job)  # type: ignore[union-attr]
+        if on_trial:
+            on_trial(study)
+
+
+def _log(study: optuna.Study, number: int, job: Job) -> None:
+    """One line per trial for logs; a terminal has the progress bar instead."""
+    if sys.stdout.isatty():
+        return
+    t = study.trials[number]
+    value = f" {job.config.tune.metric}={t.value:.5g}" if t.value is not None else ""
+    steps = f" after {len(t.intermediate_values)} epochs" if t.state.name == "PRUNED" else ""
+    print(
+        f"worker {job.worker}: trial {number} {t.state.name.lower()}{value}{steps}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def quiet() -> None:
+    import warnings
+
+    import lightning  # noqa: F401  # it sets its log level on import; ours must come after
+    import optuna
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message=".*(on_after_batch_transfer|LeafSpec).*")
+    if sys.stdout.isatty():  # the progress bar says it all
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def run_workers(job: Job, workers: int, on_poll: Callable[[], None]) -> None:
+    """`workers` processes on this machine (sharing its GPU, if any) work on one study."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    procs = [
+        ctx.Process(target=run_worker, args=(replace(job, worker=i, workers=workers),))
+        for i in range(workers)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        while any(p.is_alive() for p in procs):
+            on_poll()
+            time.sleep(1.0)
+    except BaseException:
+        for p in procs:
+            p.terminate()
+        raise
+    failed = [p.exitcode for p in procs if p.exitcode]
+    if failed:
+        raise CnnopsError(f"{len(failed)} of {workers} tune workers failed (exit codes {failed})")

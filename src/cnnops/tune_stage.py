@@ -1,0 +1,207 @@
+"""`cnnops tune`: run the study's workers, then write the stage's outputs for DVC and register.
+
+Outputs: reports/tune/{best_params.yaml, trials.csv, tune.json, study plots} and
+models/tune/{best.ckpt, run.json}, the same contract as models/train for the register stage.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cnnops import studies, tune
+from cnnops.config import Config
+from cnnops.errors import CnnopsError, DataError
+
+if TYPE_CHECKING:
+    import optuna
+
+
+class Progress:
+    """A bar over finished trials with the best value so far; silent when stdout is no TTY."""
+
+    def __init__(self, total: int, metric: str) -> None:
+        from tqdm import tqdm
+
+        self.metric = metric
+        self.bar = tqdm(total=total, desc="trials", unit="trial", disable=not sys.stdout.isatty())
+
+    def update(self, study: optuna.Study) -> None:
+        c = tune.counts(study)
+        self.bar.n = c["complete"] + c["pruned"]
+        trials = study.get_trials(deepcopy=False)
+        scores = [t.value for t in trials if t.state.name == "COMPLETE" and t.value is not None]
+        if scores:
+            best = max(scores) if study.direction.name == "MAXIMIZE" else min(scores)
+            self.bar.set_postfix({f"best {self.metric}": f"{best:.4g}", "pruned": c["pruned"]})
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def tune_stage(config: Config, workers: int | None = None) -> dict[str, Any]:
+    """Run (or resume) the study until it has `tune.n_trials` finished trials; write outputs."""
+    tune.quiet()
+    tune.check_space(config)
+    timeout = config.tune.timeout
+    job = tune.Job(
+        config,
+        studies.study_name(config, config.paths.prepared),
+        studies.storage_url(config),
+        deadline=time.time() + timeout if timeout else None,
+    )
+    study = tune.open_study(job)
+    parent = parent_run(job, study)
+    job = replace(job, parent_run_id=parent.run_id)
+    progress = Progress(config.tune.n_trials, config.tune.metric)
+    try:
+        workers = workers or config.tune.workers
+        if workers == 1:
+            tune.run_worker(job, on_trial=progress.update)
+        else:
+            tune.run_workers(job, workers, on_poll=lambda: progress.update(study))
+        progress.update(study)
+        summary = write_outputs(config, study)
+        parent.log_metrics(
+            {k: v for k, v in summary.items() if isinstance(v, int | float)}, step=len(study.trials)
+        )
+        parent.set_tags({"best_trial.run_id": summary["mlflow_run_id"]})
+        folder = config.paths.reports / "tune"
+        for path in sorted(folder.iterdir()):
+            parent.log_artifact(path, "tune")
+    except BaseException:
+        parent.close("FAILED")
+        raise
+    finally:
+        progress.close()
+    parent.close()
+    return summary
+
+
+def parent_run(job: tune.Job, study: optuna.Study) -> Any:
+    """The study's MLflow run: created once, reopened when the study resumes."""
+    from cnnops import tracking
+    from cnnops.config import flatten
+
+    cfg = job.config.mlflow
+    with studies.study_lock(job.storage, job.study, job.config.paths.models / "optuna"):
+        run_id = study.user_attrs.get("mlflow_parent_run_id")
+        if run_id:
+            return tracking.MlflowTracker(cfg, job.study, run_id=run_id)
+        tags = {
+            "cnnops.stage": "tune",
+            "optuna.study": job.study,
+            "git.commit": tracking.git_commit(),
+            **tracking.environment(),
+        }
+        parent = tracking.MlflowTracker(cfg, f"tune {job.study}", tags=tags)
+        parent.log_params(flatten(job.config))
+        study.set_user_attr("mlflow_parent_run_id", parent.run_id)
+        return parent
+
+
+def write_outputs(config: Config, study: optuna.Study) -> dict[str, Any]:
+    """best_params.yaml, trials.csv, tune.json, plots, and the best trial's checkpoint."""
+    from cnnops import reports
+
+    try:
+        best = study.best_trial
+    except ValueError:
+        raise CnnopsError(
+            f"study {study.study_name}: no trial completed; see trials above"
+        ) from None
+    folder, models = config.paths.reports / "tune", config.paths.models / "tune"
+    models.mkdir(parents=True, exist_ok=True)
+    checkpoint = Path(best.user_attrs["checkpoint"])
+    if not checkpoint.is_file():  # team mode: the best trial may have run on another machine
+        raise DataError(
+            f"{checkpoint}: best trial {best.number}'s checkpoint is not on this "
+            "machine; run `cnnops tune` where it ran, or share paths.models"
+        )
+    shutil.copy2(checkpoint, models / "best.ckpt")
+    metrics = best.user_attrs.get("metrics", {})
+    run_id = best.user_attrs.get("mlflow_run_id")
+    reports.write_json(
+        models / "run.json",
+        {
+            "mlflow_run_id": run_id,
+            **metrics,
+            "params": best.params,
+            "study": study.study_name,
+            "trial": best.number,
+        },
+    )
+    write_best_params(folder / "best_params.yaml", config, study)
+    reports.write_csv(folder / "trials.csv", [_row(t) for t in study.trials])
+    reports.plot_study(study, folder)
+    c = tune.counts(study)
+    summary = {
+        "study": study.study_name,
+        "metric": config.tune.metric,
+        "best_value": best.value,
+        "best_trial": best.number,
+        "complete": c["complete"],
+        "pruned": c["pruned"],
+        "failed": c["fail"],
+        "best_val_acc": metrics.get("best_val_acc"),
+        "best_val_loss": metrics.get("best_val_loss"),
+        "mlflow_run_id": run_id,
+        **_baseline(config),
+    }
+    reports.write_json(folder / "tune.json", summary)
+    return summary
+
+
+def write_best_params(path: Any, config: Config, study: optuna.Study) -> None:
+    from ruamel.yaml import YAML
+
+    best = study.best_trial
+    overrides = {tune.LEVERS[k]: v for k, v in best.params.items()}
+    data = {
+        "study": study.study_name,
+        "metric": config.tune.metric,
+        "value": best.value,
+        "trial": best.number,
+        "params": best.params,
+        "overrides": overrides,
+    }  # `cnnops train --set KEY=VALUE` for each, to retrain
+    path.parent.mkdir(parents=True, exist_ok=True)
+    yaml = YAML(typ="safe", pure=True)
+    yaml.default_flow_style = False
+    with path.open("w") as f:
+        yaml.dump(data, f)
+
+
+def _row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    metrics = trial.user_attrs.get("metrics", {})
+    duration = trial.duration.total_seconds() if trial.duration else None
+    epochs = metrics.get("epochs_run") or (max(trial.intermediate_values, default=-1) + 1)
+    return {
+        "number": trial.number,
+        "state": trial.state.name.lower(),
+        "value": trial.value,
+        **{f"params_{k}": v for k, v in trial.params.items()},
+        "epochs": epochs,
+        "best_val_acc": metrics.get("best_val_acc"),
+        "best_val_loss": metrics.get("best_val_loss"),
+        "duration_s": duration,
+        "mlflow_run_id": trial.user_attrs.get("mlflow_run_id"),
+    }
+
+
+def _baseline(config: Config) -> dict[str, Any]:
+    """The train stage's validation scores, when it ran, to compare the tuned ones against."""
+    path = config.paths.reports / "train.json"
+    if not path.is_file():
+        return {}
+    train = json.loads(path.read_text())
+    return {
+        "baseline_val_acc": train.get("best_val_acc"),
+        "baseline_val_loss": train.get("best_val_loss"),
+    }

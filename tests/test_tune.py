@@ -1,0 +1,103 @@
+"""The tune stage's pure parts: the search space, how it is applied, how a study is named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from cnnops import studies, tune
+from cnnops.config import load_config
+from cnnops.errors import ConfigError
+from tests.conftest import ROOT
+
+
+def config(*overrides: str):  # noqa: ANN201
+    return load_config(ROOT / "params.yaml", list(overrides))
+
+
+def test_apply_sets_every_lever_and_monitors_the_study_metric() -> None:
+    base = config("tune.metric=val_acc")
+    params = {
+        "dropout_conv": 0.2,
+        "dropout_fc": 0.4,
+        "weight_decay": 1e-3,
+        "l1": 1e-5,
+        "batch_norm": False,
+        "noise_std": 0.1,
+        "lr": 5e-4,
+    }
+    tuned = tune.apply(base, params)
+    assert (tuned.model.dropout_conv, tuned.model.dropout_fc) == (0.2, 0.4)
+    assert tuned.train.optimizer.weight_decay == 1e-3 and tuned.train.optimizer.lr == 5e-4
+    assert (tuned.train.l1, tuned.model.batch_norm, tuned.model.noise_std) == (1e-5, False, 0.1)
+    assert tuned.train.early_stopping.monitor == "val_acc"
+    assert base.model.dropout_fc != 0.4  # the base config is left alone
+
+
+def test_sampled_values_stay_in_their_ranges_and_log_levers_use_a_log_scale() -> None:
+    base = config("tune.space.lr=[0.001, 0.002]", "tune.space.batch_norm=[true]")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    params = tune.sample(trial, base)
+    assert 0.001 <= params["lr"] <= 0.002 and params["batch_norm"] is True
+    assert trial.distributions["lr"].log and not trial.distributions["dropout_fc"].log
+
+
+def test_augment_strength_is_tuned_only_when_there_are_transforms_to_scale() -> None:
+    assert "augment_strength" not in tune.active_levers(config("augment.transforms=[]"))
+    augmented = config("augment.transforms=[{name: affine, p: 0.5}]")
+    assert "augment_strength" in tune.active_levers(augmented)
+    tuned = tune.apply(augmented, {"augment_strength": 0.25})
+    assert tuned.augment.strength == 0.25
+    assert "lr" in tune.active_levers(augmented)
+
+
+def test_a_lever_can_be_left_out_of_the_search() -> None:
+    assert "l1" not in tune.active_levers(config("tune.space.l1=null"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("tune.space.dropout_fc=[0.5, 0.1]", "low 0.5 is above high 0.1"),
+        ("tune.space.lr=[0.0, 0.01]", "log-scale range must start above 0"),
+        ("tune.direction=maximize", "contradicts metric 'val_loss'"),
+        ("tune.metric=test_acc", "tune.metric = 'test_acc'"),
+        ("tune.pruner.name=asha", "tune.pruner.name = 'asha'"),
+    ],
+)
+def test_bad_tune_settings_name_their_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config(override)
+
+
+def test_a_range_end_outside_its_lever_is_refused_before_training() -> None:
+    bad = r"tune.space.dropout_fc = \[0.0, 1.0\]: 1.0 .*model.dropout_fc"
+    with pytest.raises(ConfigError, match=bad):
+        tune.check_space(config("tune.space.dropout_fc=[0.0, 1.0]"))
+
+
+def test_study_name_follows_space_and_data_but_not_the_trial_budget(tmp_path: Path) -> None:
+    (tmp_path / "x.npy").write_bytes(b"one")
+    name = studies.study_name(config(), tmp_path)
+    assert name == studies.study_name(config("tune.n_trials=50", "tune.workers=3"), tmp_path)
+    assert name != studies.study_name(config("tune.space.lr=[0.001, 0.01]"), tmp_path)
+    assert name != studies.study_name(config("train.max_epochs=3"), tmp_path)
+    (tmp_path / "x.npy").write_bytes(b"two")
+    assert name != studies.study_name(config(), tmp_path)
+    assert studies.study_name(config("tune.study_name=mine"), tmp_path) == "mine"
+
+
+def test_study_lock_excludes_other_holders(tmp_path: Path) -> None:
+    import fcntl
+
+    with (
+        studies.study_lock("x.journal", "s", tmp_path),
+        (tmp_path / "s.lock").open("a") as f,
+        pytest.raises(BlockingIOError),
+    ):
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with (tmp_path / "s.lock").open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again
