@@ -98,11 +98,18 @@ def affine(x: torch.Tensor, v: dict[str, float], g: torch.Generator) -> torch.Te
             matrix[:, 0, 1] *= h / w
             matrix[:, 1, 0] *= w / h
     if v["translate"] > 0:
-        shift = _uniform(2 * n, -v["translate"], v["translate"], g, dev).view(n, 2, 1) * 2
+        tx, ty = (_uniform(n, -v["translate"], v["translate"], g, dev) for _ in range(2))
+        shift = torch.stack([_whole_pixels(tx, w), _whole_pixels(ty, h)], 1).view(n, 2, 1) * 2
         offset = -(matrix @ shift)
     else:
         offset = torch.zeros(n, 2, 1, device=dev)
     return _warp(x, torch.cat([matrix, offset], dim=2))
+
+
+def _whole_pixels(fraction: torch.Tensor, side: int) -> torch.Tensor:
+    # Albumentations truncates shifts and crop/pad amounts to whole pixels (int()); so do we,
+    # or small images would see larger moves on this engine than on the other.
+    return torch.trunc(fraction * side) / side
 
 
 def _inverse_2x2(m: torch.Tensor) -> torch.Tensor:
@@ -138,7 +145,9 @@ def crop_and_pad(x: torch.Tensor, v: dict[str, float], g: torch.Generator) -> to
     # Each side moves by its own fraction in [-percent, percent] (crop < 0 < pad), then the
     # result is resized back: an axis-aligned affine map per image.
     n, dev = len(x), x.device
-    top, right, bottom, left = (_uniform(n, -v["percent"], v["percent"], g, dev) for _ in range(4))
+    h, w = x.shape[-2:]
+    top, right, bottom, left = (_whole_pixels(_uniform(n, -v["percent"], v["percent"], g, dev), side)
+                                for side in (h, w, h, w))
     zero = torch.zeros_like(top)
     theta = torch.stack([1 + left + right, zero, right - left,
                          zero, 1 + top + bottom, bottom - top], 1).view(n, 2, 3)
