@@ -191,6 +191,7 @@ def _row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
         "best_val_acc": metrics.get("best_val_acc"),
         "best_val_loss": metrics.get("best_val_loss"),
         "duration_s": duration,
+        "started": trial.datetime_start.isoformat() if trial.datetime_start else None,
         "mlflow_run_id": trial.user_attrs.get("mlflow_run_id"),
     }
 

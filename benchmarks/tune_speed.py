@@ -1,0 +1,80 @@
+"""Tuning that fills the device: a study on MNIST against the time of one training run.
+
+    python benchmarks/tune_speed.py --mirror DIR --workers 4 --trials 50
+
+Runs, as a user would, in a scratch folder with the MNIST pipeline's params: `cnnops fetch`,
+`cnnops prepare`, one `cnnops train` (timed, process start to exit), then `cnnops tune --workers N`
+(timed). Prints both times and their ratio, the best validation accuracy, how many trials were
+pruned, and the most trials that ran at once (from their start times and durations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def most_at_once(rows: list[dict[str, str]]) -> int:
+    events = []
+    for r in rows:
+        if r["started"] and r["duration_s"]:
+            start = datetime.fromisoformat(r["started"])
+            events += [(start, 1), (start + timedelta(seconds=float(r["duration_s"])), -1)]
+    running = peak = 0
+    for _, step in sorted(events):
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mirror", required=True)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--trials", type=int, default=50)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--set", dest="extra", action="append", default=[], help="more KEY=VALUE overrides")
+    args = parser.parse_args()
+    overrides = [f"fetch.mirror={Path(args.mirror).resolve()}", f"train.max_epochs={args.epochs}",
+                 "train.batch_size=512", "train.precision=bf16-mixed", "tune.metric=val_acc",
+                 f"tune.n_trials={args.trials}",
+                 "augment.transforms=[{name: affine, p: 1.0, params: {rotate: 0, scale: 0, translate: 0.08}}]",
+                 *args.extra]
+    sets = [a for o in overrides for a in ("--set", o)]
+    cmd = [sys.executable, "-m", "cnnops"]
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
+        (Path(tmp) / "params.yaml").write_text((ROOT / "pipelines/mnist/params.yaml").read_text())
+
+        def run(*stage: str) -> float:
+            start = time.perf_counter()
+            subprocess.run([*cmd, *stage, *sets], cwd=tmp, env=env, check=True)
+            return time.perf_counter() - start
+
+        run("fetch")
+        run("prepare")
+        train_s = run("train")
+        tune_s = run("tune", "--workers", str(args.workers))
+        summary = json.loads((Path(tmp) / "reports/tune/tune.json").read_text())
+        with (Path(tmp) / "reports/tune/trials.csv").open() as f:
+            rows = list(csv.DictReader(f))
+    print(json.dumps({
+        "train_s": round(train_s, 1), "tune_s": round(tune_s, 1), "ratio": round(tune_s / train_s, 2),
+        "trials": len(rows), "complete": summary["complete"], "pruned": summary["pruned"],
+        "failed": summary["failed"], "best_val_acc": summary["best_val_acc"],
+        "most_trials_at_once": most_at_once(rows), "workers": args.workers,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
