@@ -120,6 +120,10 @@ class Train(Section):
     early_stopping: EarlyStopping = EarlyStopping()
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
     devices: int | Literal["auto"] = 1
+    strategy: Literal["auto", "ddp"] = "auto"
+    """ddp: one process per device (plain DDP, re-launching the command); gloo on CPU, NCCL on GPU."""
+    sync_batchnorm: bool = False
+    """With ddp: batch-norm statistics computed over the global batch."""
     precision: Literal["32", "32-true", "bf16-mixed", "16-mixed"] = "32"
     deterministic: bool = False
     num_workers: Annotated[int, Field(ge=0, le=64)] = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -92,8 +93,8 @@ def train(config: Config, prepared: Prepared, out_dir: Path, tracker: Tracker | 
           callbacks: list[Callback] | None = None) -> TrainResult:
     """Train `config.model` on `prepared`; checkpoints (best and last) land in `out_dir`."""
     t = config.train
-    # Stale checkpoints from an earlier run must not pass for this run's best.
-    shutil.rmtree(out_dir, ignore_errors=True)
+    if rank_zero():  # stale checkpoints from an earlier run must not pass for this run's best
+        shutil.rmtree(out_dir, ignore_errors=True)
     L.seed_everything(t.seed, workers=True, verbose=False)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
@@ -110,6 +111,7 @@ def train(config: Config, prepared: Prepared, out_dir: Path, tracker: Tracker | 
         all_callbacks.append(stopper)
     trainer = L.Trainer(
         max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices,
+        strategy=t.strategy, sync_batchnorm=t.sync_batchnorm,
         precision=_precision(t.precision), deterministic=t.deterministic, logger=False,
         callbacks=all_callbacks, default_root_dir=out_dir, num_sanity_val_steps=0,
         enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False,
@@ -128,8 +130,9 @@ def train(config: Config, prepared: Prepared, out_dir: Path, tracker: Tracker | 
     started = time.perf_counter()
     trainer.fit(module, datamodule=data)
     elapsed = time.perf_counter() - started
-    # Written after fit: Lightning warns about a non-empty checkpoint folder before it.
-    tracker.log_artifact(save_pipeline(config, prepared, out_dir))
+    if trainer.is_global_zero and config.augment.transforms:
+        # Written after fit: Lightning warns about a non-empty checkpoint folder before it.
+        tracker.log_artifact(save_pipeline(config, prepared, out_dir))
     best = best_row(curves.rows, monitor)
     metrics = {
         "best_epoch": int(best.get("epoch", 0)),
@@ -160,6 +163,11 @@ def load_classifier(path: Path, map_location: str | torch.device = "cpu") -> Cla
     return Classifier.load_from_checkpoint(path, map_location=map_location, weights_only=True)
 
 
+def rank_zero() -> bool:
+    """True in the process that owns outputs: the only one, or rank 0 of a DDP launch."""
+    return all(int(os.environ.get(k, 0)) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
 def train_stage(config: Config) -> dict[str, Any]:
     """`cnnops train`: train, write reports, and record the run in MLflow with its provenance."""
     from cnnops import reports, tracking
@@ -168,6 +176,8 @@ def train_stage(config: Config) -> dict[str, Any]:
 
     paths = config.paths
     prepared = prepare.load(paths.prepared)
+    if not rank_zero():  # DDP re-launches this command per rank; only rank 0 records anything
+        return train(config, prepared, paths.models / "train").metrics
     tracker = tracking.MlflowTracker(config.mlflow, run_name="train", tags={"cnnops.stage": "train"})
     try:
         tracker.log_params(flatten(config))
