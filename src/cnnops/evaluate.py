@@ -1,7 +1,8 @@
-"""The evaluate stage: test-set accuracy, per-class report and confusion matrix."""
+"""The evaluate stage: models loaded from the registry, scored on the test split."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cnnops import reports
+from cnnops import registry, reports
 from cnnops.config import Config
 from cnnops.data import prepare
 
@@ -59,10 +60,52 @@ def write_reports(result: dict[str, Any], classes: list[str], folder: Path, pref
     return result
 
 
+def throughput(predict: Predict, x: np.ndarray, batch_size: int) -> float:
+    """Batch inference speed in images per second, after one warm-up batch."""
+    predict(x[:batch_size])
+    started = time.perf_counter()
+    for i in range(0, len(x), batch_size):
+        predict(x[i : i + batch_size])
+    return round(len(x) / max(time.perf_counter() - started, 1e-9), 1)
+
+
+def _evaluate_alias(client: Any, alias: str, data: prepare.Prepared, config: Config,
+                    prefix: str) -> dict[str, Any]:
+    model, version = registry.load_model(client, config.registry.model_name, alias)
+    x, y = data.x["test"], data.y["test"]
+    result = score(model.predict, x, y, data.classes)
+    wrong = np.flatnonzero(result["y_pred"] != y)
+    reports.plot_misclassified(x[wrong], y[wrong], result["y_pred"][wrong], data.classes,
+                               config.paths.reports / f"{prefix}_misclassified.png")
+    result["images_per_s"] = throughput(model.predict, x, config.evaluate.batch_size)
+    result.update(model_name=config.registry.model_name, model_version=int(version.version),
+                  alias=alias)
+    return write_reports(result, data.classes, config.paths.reports, prefix)
+
+
 def evaluate_stage(config: Config) -> dict[str, Any]:
-    """`cnnops evaluate`: score the trained model on the held-out test split."""
-    paths = config.paths
-    data = prepare.load(paths.prepared)
-    predict = checkpoint_predictor(paths.models / "train" / "best.ckpt", config.evaluate.batch_size)
-    result = score(predict, data.x["test"], data.y["test"], data.classes)
-    return write_reports(result, data.classes, paths.reports)
+    """`cnnops evaluate`: score @challenger (and @champion, if any) loaded from the registry."""
+    from cnnops import tracking
+
+    data = prepare.load(config.paths.prepared)
+    name = config.registry.model_name
+    client = registry.connect(config.mlflow)
+    results = {"challenger": _evaluate_alias(client, registry.CHALLENGER, data, config, "eval")}
+    if registry.version_by_alias(client, name, registry.CHAMPION) is not None:
+        results["champion"] = _evaluate_alias(client, registry.CHAMPION, data, config, "eval_champion")
+    else:
+        reports.write_json(config.paths.reports / "eval_champion.json", {"model_version": None})
+    tracker = tracking.MlflowTracker(config.mlflow, run_name="evaluate", tags={
+        "cnnops.stage": "evaluate", "model.name": name,
+        **{f"model.{alias}_version": str(r["model_version"]) for alias, r in results.items()}})
+    try:
+        for alias, r in results.items():
+            numbers = {k: v for k, v in r.items() if isinstance(v, float | int) and k != "model_version"}
+            tracker.log_metrics({f"{alias}_{k}": v for k, v in numbers.items()}, step=0)
+        for path in sorted(config.paths.reports.glob("eval*")):
+            tracker.log_artifact(path, "evaluate")
+    except BaseException:
+        tracker.close("FAILED")
+        raise
+    tracker.close()
+    return results
