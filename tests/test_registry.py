@@ -65,7 +65,7 @@ def pipeline(config: Config) -> dict:
 def versions(config: Config) -> dict[str, str]:
     client = registry.connect(config.mlflow)
     model = client.get_registered_model(config.registry.model_name)
-    return dict(model.aliases)
+    return {alias: str(v) for alias, v in model.aliases.items()}
 
 
 def tags(config: Config, version: str) -> dict[str, str]:
