@@ -25,7 +25,9 @@ def wait_for(url: str, process: subprocess.Popen, log: Path, timeout: float = 12
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"process exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            raise AssertionError(
+                f"process exited with {process.returncode}:\n{log.read_text()[-3000:]}"
+            )
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
@@ -36,12 +38,18 @@ def wait_for(url: str, process: subprocess.Popen, log: Path, timeout: float = 12
 
 
 @contextmanager
-def running(command: list[str], health: str, log: Path, env: dict[str, str] | None = None,
-            cwd: Path | None = None) -> Iterator[subprocess.Popen]:
+def running(
+    command: list[str],
+    health: str,
+    log: Path,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Iterator[subprocess.Popen]:
     """Start `command` in its own process group, wait for `health`, and stop the group after."""
     with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
-                                   env=env, start_new_session=True)
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True
+        )
     try:
         wait_for(health, process, log)
         yield process
@@ -60,9 +68,22 @@ def mlflow_server(folder: Path) -> Iterator[str]:
     """A real `mlflow server` with a SQLite backend and proxied artifacts; yields its URL."""
     port = free_port()
     folder.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-               "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-               "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{folder / 'server.db'}",
+        "--artifacts-destination",
+        str(folder / "artifacts"),
+        "--workers",
+        "1",
+    ]
     url = f"http://127.0.0.1:{port}"
     with running(command, f"{url}/health", folder / "server.log"):
         yield url

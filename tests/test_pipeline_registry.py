@@ -27,7 +27,9 @@ def set_params(path: Path, overrides: list[str]) -> None:
 
 def run(*command: str, cwd: Path) -> str:
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(command)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, (
+        f"{' '.join(command)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
     return result.stdout
 
 
@@ -42,8 +44,11 @@ def aliases(repo: Path) -> dict[str, str]:
 @pytest.fixture
 def repo(workdir: Path) -> Path:
     shutil.copy(ROOT / "dvc.yaml", workdir / "dvc.yaml")
-    shutil.copytree(ROOT / "src" / "cnnops", workdir / "src" / "cnnops",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        ROOT / "src" / "cnnops",
+        workdir / "src" / "cnnops",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
     set_params(workdir / "params.yaml", ["train.accelerator=cpu", *FIRST])
     run("git", "init", "-q", cwd=workdir)
     run("dvc", "init", "-q", cwd=workdir)
@@ -54,7 +59,9 @@ def repo(workdir: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_repro_registers_champion_keeps_it_against_worse_promotes_better_and_rolls_back(repo: Path) -> None:
+def test_repro_registers_champion_keeps_it_against_worse_promotes_better_and_rolls_back(
+    repo: Path,
+) -> None:
     run("dvc", "repro", cwd=repo)
     assert aliases(repo) == {"challenger": "1", "champion": "1"}
     pointer = json.loads((repo / "models/registry.json").read_text())

@@ -17,7 +17,7 @@ from cnnops.errors import DataError, RegistryError
 from tests.conftest import cnnops
 from tests.mlflow_server import free_port, mlflow_server
 
-# Three candidates, cheap on two CPU cores and far apart on digits' test split (~0.86, ~0.08, ~0.98).
+# Three candidates, cheap on two CPU cores, far apart on digits' test split (~0.86, ~0.08, ~0.98).
 FIRST = ["train.max_epochs=1", "train.optimizer.lr=1e-3"]
 WORSE = ["train.max_epochs=1", "train.optimizer.lr=1e-5"]
 BETTER = ["train.max_epochs=3", "train.optimizer.lr=3e-3"]
@@ -38,8 +38,10 @@ def backend(request: pytest.FixtureRequest, workdir: Path, monkeypatch: pytest.M
 
 
 def make_config(workdir: Path, name: str, *overrides: str) -> Config:
-    return load_config(workdir / "params.yaml",
-                       ["train.accelerator=cpu", f"registry.model_name={name}", *overrides])
+    return load_config(
+        workdir / "params.yaml",
+        ["train.accelerator=cpu", f"registry.model_name={name}", *overrides],
+    )
 
 
 def prepared(config: Config) -> None:
@@ -74,7 +76,9 @@ def tags(config: Config, version: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_gate_promotes_first_keeps_worse_promotes_better_and_rolls_back(workdir: Path, backend: str) -> None:
+def test_gate_promotes_first_keeps_worse_promotes_better_and_rolls_back(
+    workdir: Path, backend: str
+) -> None:
     name = f"digits-{uuid.uuid4().hex[:8]}"
     first = make_config(workdir, name, *FIRST)
     prepared(first)
@@ -127,7 +131,9 @@ def test_registered_model_takes_raw_uint8_images_and_returns_probabilities(workd
 
 
 @pytest.mark.slow
-def test_register_picks_the_tune_candidate_when_its_validation_accuracy_is_higher(workdir: Path) -> None:
+def test_register_picks_the_tune_candidate_when_its_validation_accuracy_is_higher(
+    workdir: Path,
+) -> None:
     from cnnops.train import train_stage
 
     config = make_config(workdir, "digits", *FIRST)
@@ -163,16 +169,24 @@ def test_pick_ranks_by_validation_metric_and_train_wins_a_tie(tmp_path: Path) ->
 
 @pytest.mark.parametrize(
     ("challenger", "champion", "min_delta", "promoted"),
-    [(0.5, None, 0.1, True), (0.95, 0.90, 0.05, True), (0.94, 0.90, 0.05, False),
-     (0.90, 0.90, 0.0, False), (0.80, 0.90, 0.0, False), (0.91, 0.90, 0.0, True)],
+    [
+        (0.5, None, 0.1, True),
+        (0.95, 0.90, 0.05, True),
+        (0.94, 0.90, 0.05, False),
+        (0.90, 0.90, 0.0, False),
+        (0.80, 0.90, 0.0, False),
+        (0.91, 0.90, 0.0, True),
+    ],
 )
 def test_decide_promotes_only_a_strict_gain_of_at_least_min_delta(
-        challenger: float, champion: float | None, min_delta: float, promoted: bool) -> None:
+    challenger: float, champion: float | None, min_delta: float, promoted: bool
+) -> None:
     assert registry.decide(challenger, champion, min_delta)[0] is promoted
 
 
-def test_unreachable_registry_is_one_clear_line_and_exit_2(workdir: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreachable_registry_is_one_clear_line_and_exit_2(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     result = cnnops("promote", cwd=workdir)
@@ -198,9 +212,12 @@ def test_register_with_a_run_from_another_store_leaves_nothing_behind(workdir: P
     from cnnops.train import train
 
     data = prepare.load(config.paths.prepared)
-    result = train(make_config(workdir, "digits", "train.max_epochs=1"), data, workdir / "models/train")
-    (workdir / "models/train/run.json").write_text(json.dumps({"mlflow_run_id": "0" * 32,
-                                                                **result.metrics}))
+    result = train(
+        make_config(workdir, "digits", "train.max_epochs=1"), data, workdir / "models/train"
+    )
+    (workdir / "models/train/run.json").write_text(
+        json.dumps({"mlflow_run_id": "0" * 32, **result.metrics})
+    )
     with pytest.raises(RegistryError, match="not found in the registry's tracking store"):
         registry.register(config)
     client = registry.connect(config.mlflow)

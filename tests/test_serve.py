@@ -17,8 +17,9 @@ from tests.test_registry import FIRST, make_config, pipeline, prepared
 
 
 def post(url: str, payload: object) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())
@@ -33,15 +34,25 @@ def served(workdir: Path) -> Iterator[str]:
     prepared(config)
     pipeline(config)
     port = free_port()
-    command = [str(BIN / "cnnops"), "serve", "--alias", "champion", "--port", str(port),
-               "--set", "registry.model_name=digits"]
+    command = [
+        str(BIN / "cnnops"),
+        "serve",
+        "--alias",
+        "champion",
+        "--port",
+        str(port),
+        "--set",
+        "registry.model_name=digits",
+    ]
     url = f"http://127.0.0.1:{port}"
     with running(command, f"{url}/ping", workdir / "serve.log", cwd=workdir):
         yield f"{url}/invocations"
 
 
 @pytest.mark.slow
-def test_served_champion_labels_raw_images_and_refuses_bad_input(served: str, workdir: Path) -> None:
+def test_served_champion_labels_raw_images_and_refuses_bad_input(
+    served: str, workdir: Path
+) -> None:
     import mlflow
 
     x = np.load(workdir / "data/prepared/test_x.npy")[:40]

@@ -137,7 +137,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 5001,
 ) -> None:
-    """Serve models:/<registry.model_name>@<alias> with MLflow's model server (raw uint8 images in)."""
+    """Serve models:/<registry.model_name>@<alias> with MLflow's model server (raw uint8 in)."""
     import os
 
     from cnnops.registry import serve_command

@@ -92,7 +92,8 @@ def evaluate_stage(config: Config) -> dict[str, Any]:
     client = registry.connect(config.mlflow)
     results = {"challenger": _evaluate_alias(client, registry.CHALLENGER, data, config, "eval")}
     if registry.version_by_alias(client, name, registry.CHAMPION) is not None:
-        results["champion"] = _evaluate_alias(client, registry.CHAMPION, data, config, "eval_champion")
+        champion = _evaluate_alias(client, registry.CHAMPION, data, config, "eval_champion")
+        results["champion"] = champion
     else:
         reports.write_json(config.paths.reports / "eval_champion.json", {"model_version": None})
     tracker = tracking.MlflowTracker(config.mlflow, run_name="evaluate", tags={
@@ -100,7 +101,8 @@ def evaluate_stage(config: Config) -> dict[str, Any]:
         **{f"model.{alias}_version": str(r["model_version"]) for alias, r in results.items()}})
     try:
         for alias, r in results.items():
-            numbers = {k: v for k, v in r.items() if isinstance(v, float | int) and k != "model_version"}
+            numbers = {k: v for k, v in r.items()
+                       if isinstance(v, float | int) and k != "model_version"}
             tracker.log_metrics({f"{alias}_{k}": v for k, v in numbers.items()}, step=0)
         for path in sorted(config.paths.reports.glob("eval*")):
             tracker.log_artifact(path, "evaluate")

@@ -27,9 +27,16 @@ def to_onnx(classifier: Classifier, example: np.ndarray, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     module = Probabilities(classifier.eval()).eval()
     # The TorchScript exporter: the dynamo one needs onnxscript, which the pipeline does not ship.
-    torch.onnx.export(module, (torch.from_numpy(example),), str(path), dynamo=False,
-                      input_names=["images"], output_names=["probabilities"], opset_version=17,
-                      dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}})
+    torch.onnx.export(
+        module,
+        (torch.from_numpy(example),),
+        str(path),
+        dynamo=False,
+        input_names=["images"],
+        output_names=["probabilities"],
+        opset_version=17,
+        dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}},
+    )
     return path
 
 
