@@ -111,6 +111,13 @@ def test_gate_promotes_first_keeps_worse_promotes_better_and_rolls_back(
     with pytest.raises(RegistryError, match="nothing to roll back to"):
         registry.rollback(first)
 
+    from cnnops.evaluate import evaluate_stage
+
+    evaluate_stage(first)  # the rolled-back version is still @challenger, and stays out
+    result = registry.promote(first)
+    assert not result["promoted"] and "rolled back" in result["reason"]
+    assert versions(first)["champion"] == "1"
+
 
 @pytest.mark.slow
 def test_registered_model_takes_raw_uint8_images_and_returns_probabilities(workdir: Path) -> None:

@@ -69,43 +69,55 @@ def throughput(predict: Predict, x: np.ndarray, batch_size: int) -> float:
     return round(len(x) / max(time.perf_counter() - started, 1e-9), 1)
 
 
-def _evaluate_alias(client: Any, alias: str, data: prepare.Prepared, config: Config,
-                    prefix: str) -> dict[str, Any]:
+def _score_alias(client: Any, alias: str, data: prepare.Prepared, config: Config) -> dict[str, Any]:
     model, version = registry.load_model(client, config.registry.model_name, alias)
-    x, y = data.x["test"], data.y["test"]
-    result = score(model.predict, x, y, data.classes)
-    wrong = np.flatnonzero(result["y_pred"] != y)
-    reports.plot_misclassified(x[wrong], y[wrong], result["y_pred"][wrong], data.classes,
-                               config.paths.reports / f"{prefix}_misclassified.png")
-    result["images_per_s"] = throughput(model.predict, x, config.evaluate.batch_size)
+    result = score(model.predict, data.x["test"], data.y["test"], data.classes)
+    result["images_per_s"] = throughput(model.predict, data.x["test"], config.evaluate.batch_size)
     result.update(model_name=config.registry.model_name, model_version=int(version.version),
                   alias=alias)
-    return write_reports(result, data.classes, config.paths.reports, prefix)
+    return result
+
+
+def _challenger_reports(result: dict[str, Any], data: prepare.Prepared, folder: Path) -> dict:
+    x, y, y_pred = data.x["test"], data.y["test"], result["y_pred"]
+    wrong = np.flatnonzero(y_pred != y)
+    reports.plot_misclassified(x[wrong], y[wrong], y_pred[wrong], data.classes,
+                               folder / "eval_misclassified.png")
+    return write_reports(result, data.classes, folder, "eval")
+
+
+def _champion_report(result: dict[str, Any] | None, folder: Path) -> dict:
+    """Only the champion's numbers: its plots were drawn back when it was the challenger."""
+    summary = {k: v for k, v in (result or {"model_version": None}).items()
+               if k not in ("y_pred", "confusion", "per_class")}
+    reports.write_json(folder / "eval_champion.json", summary)
+    return summary
 
 
 def evaluate_stage(config: Config) -> dict[str, Any]:
     """`cnnops evaluate`: score @challenger (and @champion, if any) loaded from the registry."""
     from cnnops import tracking
 
-    data = prepare.load(config.paths.prepared)
+    data, folder = prepare.load(config.paths.prepared), config.paths.reports
     name = config.registry.model_name
     client = registry.connect(config.mlflow)
-    results = {"challenger": _evaluate_alias(client, registry.CHALLENGER, data, config, "eval")}
-    if registry.version_by_alias(client, name, registry.CHAMPION) is not None:
-        champion = _evaluate_alias(client, registry.CHAMPION, data, config, "eval_champion")
-        results["champion"] = champion
-    else:
-        reports.write_json(config.paths.reports / "eval_champion.json", {"model_version": None})
+    challenger = _score_alias(client, registry.CHALLENGER, data, config)
+    has_champion = registry.version_by_alias(client, name, registry.CHAMPION) is not None
+    champion = _score_alias(client, registry.CHAMPION, data, config) if has_champion else None
+    results = {"challenger": _challenger_reports(challenger, data, folder),
+               "champion": _champion_report(champion, folder)}
     tracker = tracking.MlflowTracker(config.mlflow, run_name="evaluate", tags={
         "cnnops.stage": "evaluate", "model.name": name,
         **{f"model.{alias}_version": str(r["model_version"]) for alias, r in results.items()}})
     try:
         for alias, r in results.items():
-            numbers = {k: v for k, v in r.items()
+            numbers = {f"{alias}_{k}": v for k, v in r.items()
                        if isinstance(v, float | int) and k != "model_version"}
-            tracker.log_metrics({f"{alias}_{k}": v for k, v in numbers.items()}, step=0)
-        for path in sorted(config.paths.reports.glob("eval*")):
-            tracker.log_artifact(path, "evaluate")
+            if numbers:  # MLflow hands back no future for an empty batch
+                tracker.log_metrics(numbers, step=0)
+        for path in ("eval.json", "eval_champion.json", "eval_per_class.json",
+                     "eval_confusion.png", "eval_misclassified.png"):
+            tracker.log_artifact(folder / path, "evaluate")
     except BaseException:
         tracker.close("FAILED")
         raise

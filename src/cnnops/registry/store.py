@@ -26,8 +26,8 @@ def connect(cfg: Mlflow) -> MlflowClient:
         _check_health(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    client = tracking.client(cfg)
     try:
+        client = tracking.client(cfg)
         client.search_registered_models(max_results=1)
     except Exception as e:  # any backend failure here means: not usable as a registry
         raise RegistryError(f"model registry at {uri} is unusable: {_first_line(e)}") from None
