@@ -66,7 +66,39 @@ def test_served_champion_labels_raw_images_and_refuses_bad_input(
     assert (proba.argmax(axis=1) == y).mean() > 0.5
 
     status, body = post(served, {"inputs": x[:, 0].tolist()})
-    assert status == 400 and "shape" in body["message"].lower()
-    for wrong in (np.full((2, 1, 8, 8), 300).tolist(), [[[["a"] * 8] * 8]]):
+    assert status == 400 and body["message"].endswith("(N, 1, 8, 8); got (40, 8, 8)")
+    for wrong in ((x / 255.0).tolist(), np.full((2, 1, 8, 8), 300).tolist(), [[[["a"] * 8] * 8]]):
         status, body = post(served, {"inputs": wrong})
-        assert 400 <= status < 500, body
+        assert status == 400 and "expected raw uint8 images" in body["message"], body
+
+
+@pytest.mark.parametrize(
+    ("payload", "problem"),
+    [
+        ({"inputs": [[[[0, 255]]]]}, None),
+        ({"instances": [[[[7]]]]}, None),
+        ({"inputs": [[[[0.5]]]]}, "0.5"),
+        ({"inputs": [[[[-1]]]]}, "-1"),
+        ({"inputs": [[[[True]]]]}, "True"),
+        ({"dataframe_split": {}}, None),
+        ("not json", None),
+    ],
+)
+def test_pixel_guard_names_the_first_value_that_is_not_a_uint8(
+    payload: object, problem: str | None
+) -> None:
+    from cnnops.registry.serve import pixel_problem
+
+    body = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
+    found = pixel_problem(body)
+    assert found is None if problem is None else problem in found
+
+
+def test_pixel_guard_names_a_wrong_image_shape() -> None:
+    from cnnops.registry.serve import pixel_problem
+
+    assert pixel_problem(json.dumps({"inputs": [[[[1] * 8] * 8]]}).encode(), (1, 8, 8)) is None
+    found = pixel_problem(json.dumps({"inputs": [[[1] * 8] * 8]}).encode(), (1, 8, 8))
+    assert found == "expected images of shape (N, 1, 8, 8); got (1, 8, 8)"
+    ragged = json.dumps({"inputs": [[[[1, 2], [3]]]]}).encode()
+    assert "ragged" in pixel_problem(ragged, (1, 2, 2))

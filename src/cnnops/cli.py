@@ -137,14 +137,10 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 5001,
 ) -> None:
-    """Serve models:/<registry.model_name>@<alias> with MLflow's model server (raw uint8 in)."""
-    import os
+    """Serve models:/<registry.model_name>@<alias> with MLflow's scoring server (raw uint8 in)."""
+    from cnnops.registry.serve import serve as run
 
-    from cnnops.registry import serve_command
-
-    command, env = serve_command(_config(params, set_), alias, host, port)
-    sys.stdout.flush()
-    os.execvpe(command[0], command, env)  # the server replaces us: signals reach it directly
+    run(_config(params, set_), alias, host, port)
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ the one in production. Every alias move leaves tags on the versions saying who, 
 This package and `cnnops.tracking` are the only code that talks to MLflow.
 """
 
-from cnnops.registry.gate import decide, export_champion, promote, rollback, serve_command
+from cnnops.registry.gate import decide, export_champion, promote, rollback
 from cnnops.registry.model import ImageClassifier, check_images
 from cnnops.registry.register import Candidate, find_candidates, pick, register
 from cnnops.registry.store import (
@@ -33,6 +33,5 @@ __all__ = [
     "register",
     "require_alias",
     "rollback",
-    "serve_command",
     "version_by_alias",
 ]

@@ -1,4 +1,4 @@
-"""The promotion gate, rollback, ONNX export of the champion and serving it."""
+"""The promotion gate, rollback, and the ONNX export of the champion."""
 
 from __future__ import annotations
 
@@ -200,34 +200,3 @@ def export_champion(config: Config, client: MlflowClient) -> dict[str, Any]:
         },
     )
     return {"onnx_max_abs_diff": diff, "onnx_parity_ok": passed}
-
-
-def serve_command(
-    config: Config, alias: str, host: str, port: int
-) -> tuple[list[str], dict[str, str]]:
-    """The `mlflow models serve` command line (and environment) for `name@alias`."""
-    import os
-    import sys
-
-    from cnnops import tracking
-
-    client = connect(config.mlflow)
-    require_alias(client, config.registry.model_name, alias)
-    uri = f"models:/{config.registry.model_name}@{alias}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(config.mlflow)}
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "models",
-        "serve",
-        "-m",
-        uri,
-        "--env-manager",
-        "local",
-        "--host",
-        host,
-        "--port",
-        str(port),
-    ]
-    return command, env
