@@ -62,11 +62,15 @@ def promote(config: Config) -> dict[str, Any]:
     champion = version_by_alias(client, reg.model_name, CHAMPION)
     ours = _score_of(reports_dir / "eval.json", challenger, reg.metric)
     theirs = _score_of(reports_dir / "eval_champion.json", champion, reg.metric)
+    # Neither a re-run on the champion itself nor a rolled-back version gets a new decision record:
+    # the rolled-back one keeps the record of its promotion, and its rollback tags say the rest.
+    decided = False
     if champion is not None and champion.version == challenger.version:
         promoted, reason = False, "the challenger already is the champion"
     elif "rollback.time" in challenger.tags:
         promoted, reason = False, f"rolled back at {challenger.tags['rollback.time']}; never again"
     else:
+        decided = True
         promoted, reason = decide(ours or 0.0, theirs, reg.min_delta)
     record = {
         "promotion.decision": "promoted" if promoted else "kept champion",
@@ -79,12 +83,13 @@ def promote(config: Config) -> dict[str, Any]:
     }
     if promoted:
         _move_champion(client, reg.model_name, challenger, champion, record)
-    elif champion is None or champion.version != challenger.version:
+    elif decided:
         set_tags(client, reg.model_name, challenger.version, record)
+    now_champion = challenger if promoted else champion
     result = {
         "model_name": reg.model_name,
         "challenger_version": int(challenger.version),
-        "champion_version": int(challenger.version if promoted else champion.version),  # type: ignore[union-attr]
+        "champion_version": int(now_champion.version) if now_champion else None,
         "promoted": promoted,
         "reason": reason,
         "metric": reg.metric,
