@@ -95,7 +95,7 @@ def train(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
 @app.command()
 @clear_errors
 def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Score the model on the test split; reports/eval.json and a confusion matrix."""
+    """Score models:/<name>@challenger (and @champion) on the test split; reports/eval*."""
     from cnnops.evaluate import evaluate_stage
 
     result = evaluate_stage(_config(params, set_))
