@@ -14,7 +14,7 @@ import typer
 from cnnops.errors import CnnopsError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Reproducible CNN pipelines: fetch → prepare → train → tune → evaluate.")
+                  help="Reproducible CNN pipelines: fetch → prepare → train → tune → register → evaluate → promote.")
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="The params file to read.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-S", help="Override a value: KEY=VALUE (repeatable).")]
@@ -127,11 +127,52 @@ def tune(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
 @app.command()
 @clear_errors
 def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Score the model on the test split; reports/eval.json and a confusion matrix."""
+    """Score models:/<name>@challenger (and @champion) on the test split; reports/eval*."""
     from cnnops.evaluate import evaluate_stage
 
     result = evaluate_stage(_config(params, set_))
     _print(result)
+
+
+@app.command()
+@clear_errors
+def register(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Register the best candidate checkpoint as a new model version with alias challenger."""
+    from cnnops.registry import register as run
+
+    _print(run(_config(params, set_)))
+
+
+@app.command()
+@clear_errors
+def promote(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Move alias champion to the challenger if it beats the champion by registry.min_delta."""
+    from cnnops.registry import promote as run
+
+    _print(run(_config(params, set_)))
+
+
+@app.command()
+@clear_errors
+def rollback(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Move alias champion back to the version it replaced."""
+    from cnnops.registry import rollback as run
+
+    _print(run(_config(params, set_)))
+
+
+@app.command()
+@clear_errors
+def serve(
+    params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
+    alias: Annotated[str, typer.Option(help="The registry alias to serve.")] = "champion",
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 5001,
+) -> None:
+    """Serve models:/<registry.model_name>@<alias> with MLflow's scoring server (raw uint8 in)."""
+    from cnnops.registry.serve import serve as run
+
+    run(_config(params, set_), alias, host, port)
 
 
 def main() -> None:

@@ -229,6 +229,21 @@ class Tune(Section):
         return "maximize" if self.metric.endswith("acc") else "minimize"
 
 
+class Registry(Section):
+    model_name: Annotated[str, Field(min_length=1, max_length=200)] = "cnnops"
+    select_by: Literal["val_acc", "val_loss"] = "val_acc"
+    """How `cnnops register` ranks the candidates (the train run, the tuning study's best trial)."""
+    candidates: list[str] = Field(default_factory=lambda: ["train", "tune"], min_length=1)
+    """Folders under paths.models holding a candidate's best.ckpt + run.json; absent ones are skipped."""
+    metric: Literal["test_acc", "macro_f1"] = "test_acc"
+    """The test metric the promotion gate compares."""
+    min_delta: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    """The challenger replaces the champion only when better by at least this much."""
+    onnx_atol: Annotated[float, Field(gt=0.0)] = 1e-4
+    """Largest allowed |ONNX - PyTorch| difference of probabilities in the export parity check."""
+    onnx_samples: Annotated[int, Field(ge=1)] = 100
+
+
 class Mlflow(Section):
     experiment: str = "cnnops"
     tracking_uri: str = "sqlite:///mlflow.db"
@@ -245,6 +260,9 @@ class Config(Section):
     train: Train = Train()
     evaluate: Evaluate = Evaluate()
     tune: Tune = Tune()
+
+
+    registry: Registry = Registry()
     mlflow: Mlflow = Mlflow()
 
     @model_validator(mode="after")

@@ -11,3 +11,7 @@ class ConfigError(CnnopsError):
 
 class DataError(CnnopsError):
     pass
+
+
+class RegistryError(CnnopsError):
+    """The model registry is unreachable, or a model, version or alias it should hold is missing."""

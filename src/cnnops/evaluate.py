@@ -1,7 +1,8 @@
-"""The evaluate stage: test-set accuracy, per-class report and confusion matrix."""
+"""The evaluate stage: models loaded from the registry, scored on the test split."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cnnops import reports
+from cnnops import registry, reports
 from cnnops.config import Config
 from cnnops.data import prepare
 
@@ -59,10 +60,66 @@ def write_reports(result: dict[str, Any], classes: list[str], folder: Path, pref
     return result
 
 
+def throughput(predict: Predict, x: np.ndarray, batch_size: int) -> float:
+    """Batch inference speed in images per second, after one warm-up batch."""
+    predict(x[:batch_size])
+    started = time.perf_counter()
+    for i in range(0, len(x), batch_size):
+        predict(x[i : i + batch_size])
+    return round(len(x) / max(time.perf_counter() - started, 1e-9), 1)
+
+
+def _score_alias(client: Any, alias: str, data: prepare.Prepared, config: Config) -> dict[str, Any]:
+    model, version = registry.load_model(client, config.registry.model_name, alias)
+    result = score(model.predict, data.x["test"], data.y["test"], data.classes)
+    result["images_per_s"] = throughput(model.predict, data.x["test"], config.evaluate.batch_size)
+    result.update(model_name=config.registry.model_name, model_version=int(version.version),
+                  alias=alias)
+    return result
+
+
+def _challenger_reports(result: dict[str, Any], data: prepare.Prepared, folder: Path) -> dict:
+    x, y, y_pred = data.x["test"], data.y["test"], result["y_pred"]
+    wrong = np.flatnonzero(y_pred != y)
+    reports.plot_misclassified(x[wrong], y[wrong], y_pred[wrong], data.classes,
+                               folder / "eval_misclassified.png")
+    return write_reports(result, data.classes, folder, "eval")
+
+
+def _champion_report(result: dict[str, Any] | None, folder: Path) -> dict:
+    """Only the champion's numbers: its plots were drawn back when it was the challenger."""
+    summary = {k: v for k, v in (result or {"model_version": None}).items()
+               if k not in ("y_pred", "confusion", "per_class")}
+    reports.write_json(folder / "eval_champion.json", summary)
+    return summary
+
+
 def evaluate_stage(config: Config) -> dict[str, Any]:
-    """`cnnops evaluate`: score the trained model on the held-out test split."""
-    paths = config.paths
-    data = prepare.load(paths.prepared)
-    predict = checkpoint_predictor(paths.models / "train" / "best.ckpt", config.evaluate.batch_size)
-    result = score(predict, data.x["test"], data.y["test"], data.classes)
-    return write_reports(result, data.classes, paths.reports)
+    """`cnnops evaluate`: score @challenger (and @champion, if any) loaded from the registry."""
+    from cnnops import tracking
+
+    data, folder = prepare.load(config.paths.prepared), config.paths.reports
+    name = config.registry.model_name
+    client = registry.connect(config.mlflow)
+    challenger = _score_alias(client, registry.CHALLENGER, data, config)
+    has_champion = registry.version_by_alias(client, name, registry.CHAMPION) is not None
+    champion = _score_alias(client, registry.CHAMPION, data, config) if has_champion else None
+    results = {"challenger": _challenger_reports(challenger, data, folder),
+               "champion": _champion_report(champion, folder)}
+    tracker = tracking.MlflowTracker(config.mlflow, run_name="evaluate", tags={
+        "cnnops.stage": "evaluate", "model.name": name,
+        **{f"model.{alias}_version": str(r["model_version"]) for alias, r in results.items()}})
+    try:
+        for alias, r in results.items():
+            numbers = {f"{alias}_{k}": v for k, v in r.items()
+                       if isinstance(v, float | int) and k != "model_version"}
+            if numbers:  # MLflow hands back no future for an empty batch
+                tracker.log_metrics(numbers, step=0)
+        for path in ("eval.json", "eval_champion.json", "eval_per_class.json",
+                     "eval_confusion.png", "eval_misclassified.png"):
+            tracker.log_artifact(folder / path, "evaluate")
+    except BaseException:
+        tracker.close("FAILED")
+        raise
+    tracker.close()
+    return results

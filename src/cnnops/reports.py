@@ -153,3 +153,25 @@ def _study_html(study: Any, name: str, folder: Path) -> None:
     path.write_text(f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{name}</title>"
                     f"</head><body><h1>{study.study_name}: {name.replace('_', ' ')}</h1>"
                     f"<img src='data:image/png;base64,{png}' alt='{name}'></body></html>\n")
+
+
+def plot_misclassified(x: np.ndarray, y: np.ndarray, y_pred: np.ndarray, classes: list[str],
+                       path: Path, limit: int = 36) -> None:
+    """A grid of wrongly classified images (uint8 N, C, H, W), titled `actual → predicted`."""
+    plt = _pyplot()
+    n = min(len(x), limit)
+    cols = max(1, min(6, n))
+    rows = max(1, -(-n // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.8), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k >= n:
+            continue
+        image = x[k].transpose(1, 2, 0)
+        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray")
+        ax.set_title(f"{classes[y[k]]} → {classes[y_pred[k]]}", fontsize=8)
+    fig.suptitle(f"misclassified: {len(x)}" + (f" (first {n})" if n < len(x) else ""))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

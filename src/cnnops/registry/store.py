@@ -1,0 +1,94 @@
+"""Connecting to the registry and resolving aliases; every failure names what is missing."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from cnnops.errors import RegistryError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+
+    from cnnops.config import Mlflow
+
+CHALLENGER, CHAMPION = "challenger", "champion"
+
+
+def connect(cfg: Mlflow) -> MlflowClient:
+    """A client on the configured registry, once it has answered (fails fast, no retries)."""
+    import mlflow
+
+    from cnnops import tracking
+
+    uri = tracking.tracking_uri(cfg)
+    if uri.startswith(("http://", "https://")):
+        _check_health(uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        client = tracking.client(cfg)
+        client.search_registered_models(max_results=1)
+    except Exception as e:  # any backend failure here means: not usable as a registry
+        raise RegistryError(f"model registry at {uri} is unusable: {_first_line(e)}") from None
+    return client
+
+
+def _check_health(uri: str) -> None:
+    import urllib.request
+
+    # MLflow's REST client retries for minutes; one short probe gives the user an answer now.
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as response:
+            response.read()
+    except OSError as e:
+        raise RegistryError(
+            f"model registry at {uri} is unreachable ({e}); start the MLflow server or point "
+            "mlflow.tracking_uri / MLFLOW_TRACKING_URI at a running one"
+        ) from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(getattr(e, "message", e)).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def require_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion:
+    """The version `name@alias`, or a RegistryError naming whichever of the two is missing."""
+    from mlflow.exceptions import MlflowException
+
+    found = version_by_alias(client, name, alias)
+    if found is not None:
+        return found
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        raise RegistryError(
+            f"no registered model named {name!r} (registry.model_name); run `cnnops register` first"
+        ) from None
+    raise RegistryError(
+        f"registered model {name!r} has no @{alias} alias; "
+        f"run `cnnops {'register' if alias == CHALLENGER else 'promote'}` first"
+    )
+
+
+def load_model(client: MlflowClient, name: str, alias: str) -> tuple[Any, ModelVersion]:
+    """The pyfunc model behind `models:/name@alias` and the version it resolved to."""
+    import mlflow.pyfunc
+
+    version = require_alias(client, name, alias)
+    return mlflow.pyfunc.load_model(f"models:/{name}@{alias}"), version
+
+
+def set_tags(client: MlflowClient, name: str, version: str, tags: dict[str, Any]) -> None:
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))

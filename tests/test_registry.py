@@ -1,0 +1,232 @@
+"""The model registry against real backends: SQLite and an `mlflow server` process on loopback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cnnops import registry
+from cnnops.config import Config, load_config
+from cnnops.errors import DataError, RegistryError
+from tests.conftest import cnnops
+from tests.mlflow_server import free_port, mlflow_server
+
+# Three candidates, cheap on two CPU cores, far apart on digits' test split (~0.86, ~0.08, ~0.98).
+FIRST = ["train.max_epochs=1", "train.optimizer.lr=1e-3"]
+WORSE = ["train.max_epochs=1", "train.optimizer.lr=1e-5"]
+BETTER = ["train.max_epochs=3", "train.optimizer.lr=3e-3"]
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "server"])
+def backend(request: pytest.FixtureRequest, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Where the registry lives: the workdir's SQLite file, or a real server on loopback."""
+    if request.param == "server":
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", request.getfixturevalue("server_url"))
+    return request.param
+
+
+def make_config(workdir: Path, name: str, *overrides: str) -> Config:
+    return load_config(
+        workdir / "params.yaml",
+        ["train.accelerator=cpu", f"registry.model_name={name}", *overrides],
+    )
+
+
+def prepared(config: Config) -> None:
+    from cnnops.data.prepare import prepare
+    from cnnops.data.sources import fetch
+
+    paths = config.paths
+    fetch(config.fetch, paths.raw)
+    prepare(config, paths.raw, paths.prepared, paths.reports / "data.json")
+
+
+def pipeline(config: Config) -> dict:
+    """train → register → evaluate → promote, as `dvc repro` runs them."""
+    from cnnops.evaluate import evaluate_stage
+    from cnnops.train import train_stage
+
+    train_stage(config)
+    registry.register(config)
+    evaluate_stage(config)
+    return registry.promote(config)
+
+
+def versions(config: Config) -> dict[str, str]:
+    client = registry.connect(config.mlflow)
+    model = client.get_registered_model(config.registry.model_name)
+    return {alias: str(v) for alias, v in model.aliases.items()}
+
+
+def tags(config: Config, version: str) -> dict[str, str]:
+    client = registry.connect(config.mlflow)
+    return client.get_model_version(config.registry.model_name, version).tags
+
+
+@pytest.mark.slow
+def test_gate_promotes_first_keeps_worse_promotes_better_and_rolls_back(
+    workdir: Path, backend: str
+) -> None:
+    name = f"digits-{uuid.uuid4().hex[:8]}"
+    first = make_config(workdir, name, *FIRST)
+    prepared(first)
+
+    result = pipeline(first)
+    assert versions(first) == {"challenger": "1", "champion": "1"}
+    assert result["promoted"] and result["onnx_parity_ok"] and result["onnx_max_abs_diff"] <= 1e-4
+    v1 = tags(first, "1")
+    run = json.loads((workdir / "models/train/run.json").read_text())
+    assert v1["cnnops.run_id"] == run["mlflow_run_id"] and v1["cnnops.candidate"] == "train"
+    assert v1["promotion.previous_champion"] == "none" and v1["onnx.parity"] == "pass"
+    assert json.loads(v1["classes"]) == [str(i) for i in range(10)]
+    assert {"git.commit", "params", "preprocessing", "val_acc"} <= set(v1)
+
+    result = pipeline(make_config(workdir, name, *WORSE))
+    assert versions(first) == {"challenger": "2", "champion": "1"}
+    v2 = tags(first, "2")
+    assert not result["promoted"] and v2["promotion.decision"] == "kept champion"
+    assert float(v2["promotion.challenger_score"]) < float(v2["promotion.champion_score"])
+    assert v2["promotion.previous_champion"] == "1" and "promotion.time" in v2
+
+    result = pipeline(make_config(workdir, name, *BETTER))
+    assert result["promoted"] and versions(first) == {"challenger": "3", "champion": "3"}
+    assert tags(first, "3")["promotion.previous_champion"] == "1"
+    assert tags(first, "1")["champion.replaced_by"] == "3"
+    assert tags(first, "3")["onnx.parity"] == "pass"
+
+    assert registry.rollback(first)["champion_version"] == 1
+    assert versions(first)["champion"] == "1" and tags(first, "3")["rollback.to"] == "1"
+    with pytest.raises(RegistryError, match="nothing to roll back to"):
+        registry.rollback(first)
+
+    from cnnops.evaluate import evaluate_stage
+
+    evaluate_stage(first)  # the rolled-back version is still @challenger, and stays out
+    result = registry.promote(first)
+    assert not result["promoted"] and "rolled back" in result["reason"]
+    assert versions(first)["champion"] == "1"
+
+
+@pytest.mark.slow
+def test_registered_model_takes_raw_uint8_images_and_returns_probabilities(workdir: Path) -> None:
+    import mlflow
+
+    config = make_config(workdir, "digits", *FIRST)
+    prepared(config)
+    pipeline(config)
+    info = mlflow.models.get_model_info("models:/digits@champion")
+    spec = info.signature.inputs.inputs[0]
+    assert spec.type == np.dtype(np.uint8) and spec.shape == (-1, 1, 8, 8)
+    model = mlflow.pyfunc.load_model("models:/digits@champion")
+    x = np.load(workdir / "data/prepared/test_x.npy")[:50]
+    proba = model.predict(x)
+    assert proba.shape == (50, 10) and np.allclose(proba.sum(axis=1), 1.0, atol=1e-5)
+    with pytest.raises(Exception, match="dtype"):
+        model.predict(x.astype(np.float32))
+
+
+@pytest.mark.slow
+def test_register_picks_the_tune_candidate_when_its_validation_accuracy_is_higher(
+    workdir: Path,
+) -> None:
+    from cnnops.train import train_stage
+
+    config = make_config(workdir, "digits", *FIRST)
+    prepared(config)
+    train_stage(config)
+    shutil.copytree(workdir / "models/train", workdir / "models/tune")
+    run = json.loads((workdir / "models/tune/run.json").read_text())
+    run.update(best_val_acc=run["best_val_acc"] + 0.01, params={"model.dropout_fc": 0.1})
+    (workdir / "models/tune/run.json").write_text(json.dumps(run))
+    pointer = registry.register(config)
+    assert pointer["candidate"] == "tune" and pointer["version"] == 1
+    assert json.loads(tags(config, "1")["cnnops.tuned_params"]) == {"model.dropout_fc": 0.1}
+    assert json.loads((workdir / "models/registry.json").read_text()) == pointer
+
+
+def candidate(folder: Path, name: str, **run: float) -> registry.Candidate:
+    (folder / name).mkdir(parents=True)
+    (folder / name / "best.ckpt").write_bytes(b"")
+    (folder / name / "run.json").write_text(json.dumps(run))
+    return registry.Candidate(name, folder / name / "best.ckpt", run)
+
+
+def test_pick_ranks_by_validation_metric_and_train_wins_a_tie(tmp_path: Path) -> None:
+    candidate(tmp_path, "train", best_val_acc=0.9, best_val_loss=0.3)
+    candidate(tmp_path, "tune", best_val_acc=0.9, best_val_loss=0.2)
+    found = registry.find_candidates(tmp_path, ["train", "tune", "absent"])
+    assert [c.name for c in found] == ["train", "tune"]
+    assert registry.pick(found, "val_acc").name == "train"
+    assert registry.pick(found, "val_loss").name == "tune"
+    with pytest.raises(DataError, match="run `cnnops train` first"):
+        registry.pick([], "val_acc")
+
+
+@pytest.mark.parametrize(
+    ("challenger", "champion", "min_delta", "promoted"),
+    [
+        (0.5, None, 0.1, True),
+        (0.95, 0.90, 0.05, True),
+        (0.94, 0.90, 0.05, False),
+        (0.90, 0.90, 0.0, False),
+        (0.80, 0.90, 0.0, False),
+        (0.91, 0.90, 0.0, True),
+    ],
+)
+def test_decide_promotes_only_a_strict_gain_of_at_least_min_delta(
+    challenger: float, champion: float | None, min_delta: float, promoted: bool
+) -> None:
+    assert registry.decide(challenger, champion, min_delta)[0] is promoted
+
+
+def test_unreachable_registry_is_one_clear_line_and_exit_2(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    result = cnnops("promote", cwd=workdir)
+    assert result.returncode == 2
+    assert f"model registry at {url} is unreachable" in result.stderr
+
+
+def test_missing_model_or_alias_is_named(workdir: Path) -> None:
+    prepared(make_config(workdir, "nobody"))
+    result = cnnops("evaluate", "--set", "registry.model_name=nobody", cwd=workdir)
+    assert result.returncode == 2 and "no registered model named 'nobody'" in result.stderr
+    config = make_config(workdir, "empty")
+    registry.connect(config.mlflow).create_registered_model("empty")
+    result = cnnops("rollback", "--set", "registry.model_name=empty", cwd=workdir)
+    assert result.returncode == 2 and "'empty' has no @champion alias" in result.stderr
+
+
+@pytest.mark.slow
+def test_register_with_a_run_from_another_store_leaves_nothing_behind(workdir: Path) -> None:
+    config = make_config(workdir, "digits")
+    prepared(config)
+    from cnnops.data import prepare
+    from cnnops.train import train
+
+    data = prepare.load(config.paths.prepared)
+    result = train(
+        make_config(workdir, "digits", "train.max_epochs=1"), data, workdir / "models/train"
+    )
+    (workdir / "models/train/run.json").write_text(
+        json.dumps({"mlflow_run_id": "0" * 32, **result.metrics})
+    )
+    with pytest.raises(RegistryError, match="not found in the registry's tracking store"):
+        registry.register(config)
+    client = registry.connect(config.mlflow)
+    assert client.search_registered_models() == []
+    assert not (workdir / "models/registry.json").exists()
