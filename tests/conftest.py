@@ -46,6 +46,22 @@ def mnist_mirror() -> Path:
     return MNIST_MIRROR
 
 
+def set_params(path: Path, overrides: list[str]) -> None:
+    """Apply `--set`-style overrides to a params file in place, as `dvc exp run -S` would."""
+    import io
+
+    from ruamel.yaml import YAML
+
+    from cnnops.config import apply_override, read_params
+
+    data = read_params(path)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    stream = io.StringIO()
+    YAML(typ="safe", pure=True).dump(data, stream)
+    path.write_text(stream.getvalue())
+
+
 def cnnops(*args: str, cwd: Path | None = None, check: bool = False) -> subprocess.CompletedProcess:
     """Run the installed `cnnops` console script as a user would."""
     result = subprocess.run([str(BIN / "cnnops"), *args], cwd=cwd, capture_output=True, text=True)

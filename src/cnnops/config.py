@@ -266,6 +266,13 @@ class Config(Section):
     mlflow: Mlflow = Mlflow()
 
     @model_validator(mode="after")
+    def _sync_batchnorm_needs_gpus(self) -> Config:
+        if self.train.sync_batchnorm and self.train.accelerator == "cpu":
+            raise ValueError("train.sync_batchnorm = true: PyTorch's SyncBatchNorm runs on GPUs only; "
+                             "set it false with accelerator: cpu")
+        return self
+
+    @model_validator(mode="after")
     def _imagefolder_needs_size(self) -> Config:
         if self.fetch.source == "imagefolder" and self.prepare.image_size is None:
             raise ValueError("fetch.source: imagefolder needs prepare.image_size (e.g. 64)")
