@@ -45,13 +45,17 @@ def sync(device: torch.device) -> None:
 
 
 def load_mnist(mirror: str, train_size: int | None) -> tuple[Config, Prepared]:
-    config = load_config(ROOT / "pipelines" / "mnist" / "params.yaml",
-                         [f"fetch.mirror={mirror}", "paths.raw=unused"])
+    config = load_config(
+        ROOT / "pipelines" / "mnist" / "params.yaml", [f"fetch.mirror={mirror}", "paths.raw=unused"]
+    )
     with tempfile.TemporaryDirectory() as tmp:
         fetch(config.fetch, Path(tmp) / "raw")
         data = split(config, Path(tmp) / "raw")
     if train_size:
-        data.x["train"], data.y["train"] = data.x["train"][:train_size], data.y["train"][:train_size]
+        data.x["train"], data.y["train"] = (
+            data.x["train"][:train_size],
+            data.y["train"][:train_size],
+        )
     return config, data
 
 
@@ -75,10 +79,13 @@ def summarize(name: str, epoch_times: list[float], accs: list[float], n: int, de
         return round(float(hits[0]), 2) if hits else None
 
     result = {
-        "name": name, "images_per_s": round(n * len(steady) / sum(steady)),
-        "epoch_s": round(float(np.mean(steady)), 3), "first_epoch_s": round(epoch_times[0], 3),
+        "name": name,
+        "images_per_s": round(n * len(steady) / sum(steady)),
+        "epoch_s": round(float(np.mean(steady)), 3),
+        "first_epoch_s": round(epoch_times[0], 3),
         "final_test_acc": accs[-1] if accs else None,
-        "time_to_99.0": time_to(0.99), "time_to_99.4": time_to(0.994),
+        "time_to_99.0": time_to(0.99),
+        "time_to_99.4": time_to(0.994),
     }
     if device.type == "cuda":
         result["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
@@ -97,7 +104,10 @@ def raw_loop(config: Config, data: Prepared, args, device) -> dict:
     model = build_model(config.model, 1, 10, 28).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=config.train.optimizer.lr, weight_decay=1e-4)
     steps = len(y) // args.batch_size
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.train.optimizer.lr, total_steps=steps * args.epochs)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, config.train.optimizer.lr, total_steps=steps * args.epochs
+    )
+
     def augment(xb: torch.Tensor) -> torch.Tensor:
         # Random translate by up to SHIFT of the side per axis, bilinear, zero fill.
         theta = torch.zeros(len(xb), 2, 3, device=device)
@@ -134,8 +144,13 @@ def typical_stack(config: Config, data: Prepared, args, device) -> dict:
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
-    transform = A.Compose([A.Affine(translate_percent=(-SHIFT, SHIFT), p=1.0),
-                           A.Normalize(mean=data.mean, std=data.std, max_pixel_value=255.0)], seed=0)
+    transform = A.Compose(
+        [
+            A.Affine(translate_percent=(-SHIFT, SHIFT), p=1.0),
+            A.Normalize(mean=data.mean, std=data.std, max_pixel_value=255.0),
+        ],
+        seed=0,
+    )
 
     class Images(torch.utils.data.Dataset):
         def __len__(self) -> int:
@@ -173,15 +188,27 @@ def typical_stack(config: Config, data: Prepared, args, device) -> dict:
             sync(device)
             self.times.append(time.perf_counter() - self.start)
 
-    loader = torch.utils.data.DataLoader(Images(), batch_size=args.batch_size, shuffle=True,
-                                         num_workers=args.workers, drop_last=True,
-                                         pin_memory=device.type == "cuda",
-                                         persistent_workers=args.workers > 0)
+    loader = torch.utils.data.DataLoader(
+        Images(),
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.workers,
+        drop_last=True,
+        pin_memory=device.type == "cuda",
+        persistent_workers=args.workers > 0,
+    )
     clock = Clock()
-    trainer = L.Trainer(max_epochs=args.typical_epochs, accelerator=device.type, devices=1,
-                        precision="bf16-mixed" if args.bf16 else "32-true", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[clock])
+    trainer = L.Trainer(
+        max_epochs=args.typical_epochs,
+        accelerator=device.type,
+        devices=1,
+        precision="bf16-mixed" if args.bf16 else "32-true",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[clock],
+    )
     trainer.fit(Module(), loader)
     n = len(loader) * args.batch_size
     return summarize("typical", clock.times, [], n, device)
@@ -230,15 +257,31 @@ def cnnops_train(config: Config, data: Prepared, args, device) -> dict:
 
     name, p, params = AUGMENT[0]
     augment = Augment(transforms=[Transform(name=name, p=p, params=params)], engine="batched")
-    config = config.model_copy(update={"augment": augment, "train": config.train.model_copy(update={
-        "max_epochs": args.epochs, "batch_size": args.batch_size, "compile": args.compile,
-        "precision": "bf16-mixed" if args.bf16 else "32",
-        "accelerator": "gpu" if device.type == "cuda" else "cpu",
-        "early_stopping": config.train.early_stopping.model_copy(update={"enabled": False})})})
+    config = config.model_copy(
+        update={
+            "augment": augment,
+            "train": config.train.model_copy(
+                update={
+                    "max_epochs": args.epochs,
+                    "batch_size": args.batch_size,
+                    "compile": args.compile,
+                    "precision": "bf16-mixed" if args.bf16 else "32",
+                    "accelerator": "gpu" if device.type == "cuda" else "cpu",
+                    "early_stopping": config.train.early_stopping.model_copy(
+                        update={"enabled": False}
+                    ),
+                }
+            ),
+        }
+    )
     clock = Clock()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = config.mlflow.model_copy(update={"tracking_uri": f"sqlite:///{tmp}/mlflow.db",
-                                               "artifact_location": f"{tmp}/artifacts"})
+        cfg = config.mlflow.model_copy(
+            update={
+                "tracking_uri": f"sqlite:///{tmp}/mlflow.db",
+                "artifact_location": f"{tmp}/artifacts",
+            }
+        )
         os.environ.pop("MLFLOW_TRACKING_URI", None)
         tracker = TimedTracker(cfg, run_name="benchmark")
         result = train(config, data, Path(tmp) / "ckpt", tracker, [clock])
@@ -254,8 +297,11 @@ def end_to_end(mirror: str, args) -> float:
     """`cnnops train` as a process: start to checkpoint written (data already prepared)."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"}
     mirror = str(Path(mirror).resolve())
-    overrides = [f"fetch.mirror={mirror}", f"train.max_epochs={args.e2e_epochs}",
-                 f"train.batch_size={args.batch_size}"]
+    overrides = [
+        f"fetch.mirror={mirror}",
+        f"train.max_epochs={args.e2e_epochs}",
+        f"train.batch_size={args.batch_size}",
+    ]
     if args.bf16:
         overrides.append("train.precision=bf16-mixed")
     cmd = [sys.executable, "-m", "cnnops"]
@@ -271,29 +317,48 @@ def end_to_end(mirror: str, args) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--mirror", required=True, help="folder with the four MNIST IDX .gz files")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--typical-epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--train-size", type=int, default=None, help="use only this many training images")
+    parser.add_argument(
+        "--train-size", type=int, default=None, help="use only this many training images"
+    )
     parser.add_argument("--workers", type=int, default=min(15, (os.cpu_count() or 2) - 1))
     parser.add_argument("--compile", action="store_true", help="torch.compile in the cnnops run")
     parser.add_argument("--only", nargs="*", default=["raw", "typical", "cnnops", "e2e"])
     parser.add_argument("--e2e-epochs", type=int, default=5)
-    parser.add_argument("--no-cudnn-benchmark", action="store_true",
-                        help="skip cuDNN autotuning in the raw loop (less warm-up)")
+    parser.add_argument(
+        "--no-cudnn-benchmark",
+        action="store_true",
+        help="skip cuDNN autotuning in the raw loop (less warm-up)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          args.device if args.device != "auto" else "cpu")
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else args.device
+        if args.device != "auto"
+        else "cpu"
+    )
     args.bf16 = device.type == "cuda"
     torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     config, data = load_mnist(args.mirror, args.train_size)
-    card = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU x{torch.get_num_threads()}"
-    print(f"device: {card}; train images {len(data.y['train'])}, batch {args.batch_size}, "
-          f"epochs {args.epochs}, torch {torch.__version__}", flush=True)
+    card = (
+        torch.cuda.get_device_name(0)
+        if device.type == "cuda"
+        else f"CPU x{torch.get_num_threads()}"
+    )
+    print(
+        f"device: {card}; train images {len(data.y['train'])}, batch {args.batch_size}, "
+        f"epochs {args.epochs}, torch {torch.__version__}",
+        flush=True,
+    )
     results = {}
     runners = {"raw": raw_loop, "cnnops": cnnops_train, "typical": typical_stack}
     for name in [n for n in ("raw", "cnnops", "typical") if n in args.only]:

@@ -38,18 +38,27 @@ def most_at_once(rows: list[dict[str, str]]) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--mirror", required=True)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--trials", type=int, default=50)
     parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--set", dest="extra", action="append", default=[], help="more KEY=VALUE overrides")
+    parser.add_argument(
+        "--set", dest="extra", action="append", default=[], help="more KEY=VALUE overrides"
+    )
     args = parser.parse_args()
-    overrides = [f"fetch.mirror={Path(args.mirror).resolve()}", f"train.max_epochs={args.epochs}",
-                 "train.batch_size=512", "train.precision=bf16-mixed", "tune.metric=val_acc",
-                 f"tune.n_trials={args.trials}",
-                 "augment.transforms=[{name: affine, p: 1.0, params: {rotate: 0, scale: 0, translate: 0.08}}]",
-                 *args.extra]
+    overrides = [
+        f"fetch.mirror={Path(args.mirror).resolve()}",
+        f"train.max_epochs={args.epochs}",
+        "train.batch_size=512",
+        "train.precision=bf16-mixed",
+        "tune.metric=val_acc",
+        f"tune.n_trials={args.trials}",
+        "augment.transforms=[{name: affine, p: 1.0, params: {rotate: 0, scale: 0, translate: 0.08}}]",
+        *args.extra,
+    ]
     sets = [a for o in overrides for a in ("--set", o)]
     cmd = [sys.executable, "-m", "cnnops"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,12 +77,23 @@ def main() -> None:
         summary = json.loads((Path(tmp) / "reports/tune/tune.json").read_text())
         with (Path(tmp) / "reports/tune/trials.csv").open() as f:
             rows = list(csv.DictReader(f))
-    print(json.dumps({
-        "train_s": round(train_s, 1), "tune_s": round(tune_s, 1), "ratio": round(tune_s / train_s, 2),
-        "trials": len(rows), "complete": summary["complete"], "pruned": summary["pruned"],
-        "failed": summary["failed"], "best_val_acc": summary["best_val_acc"],
-        "most_trials_at_once": most_at_once(rows), "workers": args.workers,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "train_s": round(train_s, 1),
+                "tune_s": round(tune_s, 1),
+                "ratio": round(tune_s / train_s, 2),
+                "trials": len(rows),
+                "complete": summary["complete"],
+                "pruned": summary["pruned"],
+                "failed": summary["failed"],
+                "best_val_acc": summary["best_val_acc"],
+                "most_trials_at_once": most_at_once(rows),
+                "workers": args.workers,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -6,13 +6,18 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-MNIST_MIRROR = Path(os.environ.get("CNNOPS_MNIST_MIRROR", ROOT.parent / "shared" / "data" / "mnist"))
+MNIST_MIRROR = Path(
+    os.environ.get("CNNOPS_MNIST_MIRROR", ROOT.parent / "shared" / "data" / "mnist")
+)
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -44,6 +49,27 @@ def mnist_mirror() -> Path:
     if not (MNIST_MIRROR / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"the MNIST mirror is not at {MNIST_MIRROR}")
     return MNIST_MIRROR
+
+
+@contextmanager
+def postgres_database(prefix: str) -> Iterator[str]:
+    """A fresh database on the local PostgreSQL server; yields its SQLAlchemy URL, drops it after."""
+    import psycopg2
+
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    try:
+        admin = psycopg2.connect(host="127.0.0.1", user="postgres", dbname="postgres")
+    except psycopg2.OperationalError as e:
+        if os.environ.get("CI"):  # CI starts the server: a missing one is a failure there
+            raise
+        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432: {e}")
+    admin.autocommit = True
+    admin.cursor().execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
+    finally:
+        admin.cursor().execute(f"DROP DATABASE {name} WITH (FORCE)")
+        admin.close()
 
 
 def set_params(path: Path, overrides: list[str]) -> None:

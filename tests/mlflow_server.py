@@ -64,8 +64,8 @@ def running(
 
 
 @contextmanager
-def mlflow_server(folder: Path) -> Iterator[str]:
-    """A real `mlflow server` with a SQLite backend and proxied artifacts; yields its URL."""
+def mlflow_server(folder: Path, backend: str | None = None) -> Iterator[str]:
+    """A real `mlflow server` (SQLite backend unless `backend` names one) with proxied artifacts."""
     port = free_port()
     folder.mkdir(parents=True, exist_ok=True)
     command = [
@@ -78,7 +78,7 @@ def mlflow_server(folder: Path) -> Iterator[str]:
         "--port",
         str(port),
         "--backend-store-uri",
-        f"sqlite:///{folder / 'server.db'}",
+        backend or f"sqlite:///{folder / 'server.db'}",
         "--artifacts-destination",
         str(folder / "artifacts"),
         "--workers",

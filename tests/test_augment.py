@@ -36,8 +36,9 @@ def spec(*transforms: dict, strength: float = 1.0) -> Augment:
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_each_vocabulary_entry_keeps_shape_and_dtype(name: str, shape: tuple) -> None:
     for strength in (0.0, 0.5, 1.0):
-        compose = build_transforms(spec({"name": name, "p": 1.0}, strength=strength), True,
-                                   shape[1:], seed=0)
+        compose = build_transforms(
+            spec({"name": name, "p": 1.0}, strength=strength), True, shape[1:], seed=0
+        )
         for x in images(shape):
             out = apply(compose, x)
             assert out.shape == shape and out.dtype == np.uint8
@@ -57,9 +58,13 @@ def test_full_strength_changes_images() -> None:
 
 
 def test_strength_scales_magnitudes_but_not_counts() -> None:
-    resolved = resolve(spec({"name": "affine", "params": {"rotate": 20}},
-                            {"name": "coarse_dropout", "params": {"holes": 4, "size": 0.5}},
-                            strength=0.5))
+    resolved = resolve(
+        spec(
+            {"name": "affine", "params": {"rotate": 20}},
+            {"name": "coarse_dropout", "params": {"holes": 4, "size": 0.5}},
+            strength=0.5,
+        )
+    )
     assert resolved[0][2] == {"rotate": 10.0, "translate": 0.05, "scale": 0.05, "shear": 0.0}
     assert resolved[1][2] == {"holes": 4.0, "size": 0.25}
 
@@ -95,14 +100,18 @@ def test_serialized_pipeline_round_trips_to_an_equal_pipeline(tmp_path: Path) ->
     ("override", "culprit"),
     [
         ("[{name: affine}, {name: rotate90}]", "augment.transforms[1].name = 'rotate90': unknown"),
-        ("[{name: hflip}, {name: affine, params: {rotate: 500}}]",
-         "augment.transforms[1].params.rotate = 500.0: outside [0, 180]"),
+        (
+            "[{name: hflip}, {name: affine, params: {rotate: 500}}]",
+            "augment.transforms[1].params.rotate = 500.0: outside [0, 180]",
+        ),
         ("[{name: affine, params: {rotation: 5}}]", "transforms[0].params.rotation: unknown"),
         ("[{name: affine, params: {rotate: left}}]", "transforms[0].params.rotate = 'left'"),
         ("[{name: hflip, p: 1.5}]", "augment.transforms[0].p = 1.5"),
         ("[{name: coarse_dropout, params: {holes: 2.5}}]", "params.holes = 2.5: must be a whole"),
-        ("[{name: affine}, {name: gauss_noise, params: {std: 2}}]",
-         "augment.transforms[1].params.std: GaussNoise rejects std_range=(0.0, 2.0)"),
+        (
+            "[{name: affine}, {name: gauss_noise, params: {std: 2}}]",
+            "augment.transforms[1].params.std: GaussNoise rejects std_range=(0.0, 2.0)",
+        ),
         ("[{nam: affine}]", "augment.transforms[0].nam"),
     ],
 )
@@ -124,9 +133,11 @@ def test_empty_spec_does_not_import_albumentations() -> None:
     import subprocess
     import sys
 
-    code = ("import sys; from cnnops.config import load_config; "
-            f"load_config(__import__('pathlib').Path({str(ROOT / 'params.yaml')!r}), "
-            "['augment.transforms=[]']); print('albumentations' in sys.modules)")
+    code = (
+        "import sys; from cnnops.config import load_config; "
+        f"load_config(__import__('pathlib').Path({str(ROOT / 'params.yaml')!r}), "
+        "['augment.transforms=[]']); print('albumentations' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -141,8 +152,18 @@ def prepared_digits(workdir: Path) -> None:
 
 def test_augment_preview_draws_a_png_grid(workdir: Path) -> None:
     prepared_digits(workdir)
-    result = cnnops("augment-preview", "--set", AFFINE, "--n", "3", "--draws", "4",
-                    "--out", "grid.png", check=True)
+    result = cnnops(
+        "augment-preview",
+        "--set",
+        AFFINE,
+        "--n",
+        "3",
+        "--draws",
+        "4",
+        "--out",
+        "grid.png",
+        check=True,
+    )
     assert result.stdout.strip() == "grid.png"
     assert (workdir / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -152,8 +173,16 @@ def test_train_with_augmentation_saves_and_logs_its_exact_pipeline(workdir: Path
     from mlflow import MlflowClient
 
     prepared_digits(workdir)
-    result = cnnops("train", "--set", AFFINE, "--set", "train.max_epochs=2",
-                    "--set", "train.num_workers=2", check=True)
+    result = cnnops(
+        "train",
+        "--set",
+        AFFINE,
+        "--set",
+        "train.max_epochs=2",
+        "--set",
+        "train.num_workers=2",
+        check=True,
+    )
     assert '"epochs_run": 2' in result.stdout
     saved = load_transforms(workdir / "models/train/transforms.json")
     config = load_config(workdir / "params.yaml", [AFFINE])

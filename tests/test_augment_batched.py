@@ -33,8 +33,10 @@ def blob(y: int, x: int) -> np.ndarray:
 def centroids(images: np.ndarray) -> np.ndarray:
     ys, xs = np.mgrid[:SIDE, :SIDE]
     mass = images[:, 0].sum(axis=(1, 2))
-    return np.stack([(images[:, 0] * ys).sum(axis=(1, 2)) / mass,
-                     (images[:, 0] * xs).sum(axis=(1, 2)) / mass], 1)
+    return np.stack(
+        [(images[:, 0] * ys).sum(axis=(1, 2)) / mass, (images[:, 0] * xs).sum(axis=(1, 2)) / mass],
+        1,
+    )
 
 
 def assert_same_distribution(a: np.ndarray, b: np.ndarray, atol: float, rtol: float = 0.12) -> None:
@@ -52,7 +54,10 @@ def test_rotation_turns_content_by_the_same_angles() -> None:
     cpu, gpu = engines("affine", blob(6, 14), rotate=30, scale=0, shear=0, translate=0)
     # The angle of an off-centre blob about the image centre, in degrees; the sign convention
     # does not matter for a symmetric range.
-    angle = [np.degrees(np.arctan2(c[:, 1] - 13.5, 13.5 - c[:, 0])) for c in (centroids(cpu), centroids(gpu))]
+    angle = [
+        np.degrees(np.arctan2(c[:, 1] - 13.5, 13.5 - c[:, 0]))
+        for c in (centroids(cpu), centroids(gpu))
+    ]
     assert_same_distribution(angle[0], angle[1], atol=1.0)
 
 
@@ -86,8 +91,9 @@ def test_gaussian_noise_has_the_same_spread() -> None:
 def test_coarse_dropout_erases_the_same_share() -> None:
     white = np.full((1, SIDE, SIDE), 255, np.uint8)
     cpu, gpu = engines("coarse_dropout", white, holes=3, size=0.3)
-    assert_same_distribution((cpu == 0).mean(axis=(1, 2, 3)), (gpu < 1).mean(axis=(1, 2, 3)),
-                             atol=0.01, rtol=0.15)
+    assert_same_distribution(
+        (cpu == 0).mean(axis=(1, 2, 3)), (gpu < 1).mean(axis=(1, 2, 3)), atol=0.01, rtol=0.15
+    )
 
 
 def test_random_resized_crop_zooms_alike() -> None:
@@ -100,8 +106,9 @@ def test_random_resized_crop_zooms_alike() -> None:
 def test_crop_and_pad_pads_the_same_share() -> None:
     white = np.full((1, SIDE, SIDE), 255, np.uint8)
     cpu, gpu = engines("crop_and_pad", white, percent=0.2)
-    assert_same_distribution((cpu < 128).mean(axis=(1, 2, 3)), (gpu < 128).mean(axis=(1, 2, 3)),
-                             atol=0.01, rtol=0.15)
+    assert_same_distribution(
+        (cpu < 128).mean(axis=(1, 2, 3)), (gpu < 128).mean(axis=(1, 2, 3)), atol=0.01, rtol=0.15
+    )
 
 
 def test_same_seed_same_batch_and_unsupported_entries_are_reported() -> None:

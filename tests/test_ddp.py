@@ -14,7 +14,11 @@ pytestmark = pytest.mark.slow
 
 
 def train_json(*overrides: str) -> dict:
-    sets = [a for o in ["train.accelerator=cpu", "train.max_epochs=12", *overrides] for a in ("--set", o)]
+    sets = [
+        a
+        for o in ["train.accelerator=cpu", "train.max_epochs=12", *overrides]
+        for a in ("--set", o)
+    ]
     cnnops("train", *sets, check=True)
     return json.loads(Path("reports/train.json").read_text())
 
@@ -33,5 +37,7 @@ def test_two_process_ddp_matches_one_process(workdir: Path) -> None:
 
 
 def test_sync_batchnorm_on_cpu_is_a_config_error(workdir: Path) -> None:
-    result = cnnops("show-config", "--set", "train.accelerator=cpu", "--set", "train.sync_batchnorm=true")
+    result = cnnops(
+        "show-config", "--set", "train.accelerator=cpu", "--set", "train.sync_batchnorm=true"
+    )
     assert result.returncode == 2 and "train.sync_batchnorm" in result.stderr

@@ -15,7 +15,9 @@ from cnnops.train import train
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
-TRANSLATE = "augment.transforms=[{name: affine, p: 1.0, params: {rotate: 0, scale: 0, translate: 0.08}}]"
+TRANSLATE = (
+    "augment.transforms=[{name: affine, p: 1.0, params: {rotate: 0, scale: 0, translate: 0.08}}]"
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +35,13 @@ def accuracy(config, data: prepare.Prepared, out: Path) -> float:
 
 
 def test_fast_path_and_albumentations_path_reach_the_same_accuracy(mnist, tmp_path: Path) -> None:
-    common = ["train.max_epochs=5", "train.batch_size=512", "train.precision=bf16-mixed",
-              "train.early_stopping.enabled=false", TRANSLATE]
+    common = [
+        "train.max_epochs=5",
+        "train.batch_size=512",
+        "train.precision=bf16-mixed",
+        "train.early_stopping.enabled=false",
+        TRANSLATE,
+    ]
     params = ROOT / "pipelines/mnist/params.yaml"
     fast = load_config(params, [*common, "augment.engine=batched"])
     workers = load_config(params, [*common, "augment.engine=albumentations", "train.num_workers=8"])

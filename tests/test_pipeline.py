@@ -20,7 +20,9 @@ STAGES = ["fetch", "prepare", "train", "tune", "register", "evaluate", "promote"
 def sh(*args: str, cwd: Path) -> str:
     result = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
     if result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
     return result.stdout + result.stderr
 
 
@@ -73,21 +75,30 @@ def test_invalid_override_fails_the_stage_without_touching_outputs(repo: Path) -
     before = (repo / "reports/data.json").read_text()
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-qm", "prepared", cwd=repo)
-    result = subprocess.run(["dvc", "exp", "run", "-S", "model.dropout_fc=1.5"], cwd=repo,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["dvc", "exp", "run", "-S", "model.dropout_fc=1.5"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0
     assert "model.dropout_fc = 1.5" in result.stdout + result.stderr
     assert (repo / "reports/data.json").read_text() == before
     assert not (repo / "models" / "train" / "best.ckpt").exists()
 
 
-def test_mnist_pipeline_reaches_985_on_cpu(tmp_path: Path, mnist_mirror: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mnist_pipeline_reaches_985_on_cpu(
+    tmp_path: Path, mnist_mirror: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     repo = tmp_path / "repo"
     (repo / "pipelines").mkdir(parents=True)
-    shutil.copytree(ROOT / "pipelines" / "mnist", repo / "pipelines" / "mnist", symlinks=True,
-                    ignore=shutil.ignore_patterns("data", "models", "reports", "mlflow.db", "mlartifacts"))
+    shutil.copytree(
+        ROOT / "pipelines" / "mnist",
+        repo / "pipelines" / "mnist",
+        symlinks=True,
+        ignore=shutil.ignore_patterns("data", "models", "reports", "mlflow.db", "mlartifacts"),
+    )
     for name in ("dvc.yaml", "params.yaml"):  # DVC reads every dvc.yaml in the repository
         shutil.copy(ROOT / name, repo / name)
     shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from tests.conftest import ROOT, cnnops, set_params
 from tests.test_registry import BETTER, FIRST, WORSE
 

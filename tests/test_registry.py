@@ -14,7 +14,7 @@ import pytest
 from cnnops import registry
 from cnnops.config import Config, load_config
 from cnnops.errors import DataError, RegistryError
-from tests.conftest import cnnops
+from tests.conftest import cnnops, postgres_database
 from tests.mlflow_server import free_port, mlflow_server
 
 # Three candidates, cheap on two CPU cores, far apart on digits' test split (~0.86, ~0.08, ~0.98).
@@ -29,11 +29,21 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(params=["sqlite", "server"])
+@pytest.fixture(scope="module")
+def postgres_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Team mode: an `mlflow server` whose backend store is the local PostgreSQL."""
+    folder = tmp_path_factory.mktemp("mlflow-pg")
+    with postgres_database("cnnops_mlflow") as db, mlflow_server(folder, backend=db) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "server", "server-postgresql"])
 def backend(request: pytest.FixtureRequest, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """Where the registry lives: the workdir's SQLite file, or a real server on loopback."""
     if request.param == "server":
         monkeypatch.setenv("MLFLOW_TRACKING_URI", request.getfixturevalue("server_url"))
+    if request.param == "server-postgresql":
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", request.getfixturevalue("postgres_server_url"))
     return request.param
 
 

@@ -19,7 +19,9 @@ from cnnops.train import load_classifier, train, train_stage
 def digits(workdir: Path) -> prepare.Prepared:
     config = load_config(workdir / "params.yaml")
     fetch(config.fetch, config.paths.raw)
-    prepare.prepare(config, config.paths.raw, config.paths.prepared, config.paths.reports / "data.json")
+    prepare.prepare(
+        config, config.paths.raw, config.paths.prepared, config.paths.reports / "data.json"
+    )
     return prepare.load(config.paths.prepared)
 
 
@@ -27,7 +29,9 @@ def tiny(workdir: Path, *overrides: str):
     return load_config(workdir / "params.yaml", ["train.max_epochs=3", *overrides])
 
 
-def test_smoke_train_learns_and_writes_best_and_last(workdir: Path, digits: prepare.Prepared) -> None:
+def test_smoke_train_learns_and_writes_best_and_last(
+    workdir: Path, digits: prepare.Prepared
+) -> None:
     result = train(tiny(workdir), digits, workdir / "ckpt")
     assert result.best_checkpoint.is_file() and result.last_checkpoint.is_file()
     assert result.metrics["epochs_run"] == len(result.curves) == 3
@@ -47,9 +51,15 @@ def test_same_seed_gives_identical_curves(workdir: Path, digits: prepare.Prepare
     assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
 
 
-def test_early_stopping_stops_when_nothing_improves_enough(workdir: Path, digits: prepare.Prepared) -> None:
-    config = tiny(workdir, "train.max_epochs=10", "train.early_stopping.patience=2",
-                  "train.early_stopping.min_delta=100")
+def test_early_stopping_stops_when_nothing_improves_enough(
+    workdir: Path, digits: prepare.Prepared
+) -> None:
+    config = tiny(
+        workdir,
+        "train.max_epochs=10",
+        "train.early_stopping.patience=2",
+        "train.early_stopping.min_delta=100",
+    )
     result = train(config, digits, workdir / "ckpt")
     assert result.metrics["stopped_early"] is True
     assert result.metrics["epochs_run"] == 3
@@ -59,7 +69,9 @@ def test_l1_penalty_shrinks_weights(workdir: Path, digits: prepare.Prepared) -> 
     def mean_abs_weight(*overrides: str) -> float:
         result = train(tiny(workdir, "train.max_epochs=2", *overrides), digits, workdir / "l1")
         model = load_classifier(result.last_checkpoint)
-        return float(torch.cat([p.abs().flatten() for p in model.net.parameters() if p.ndim > 1]).mean())
+        return float(
+            torch.cat([p.abs().flatten() for p in model.net.parameters() if p.ndim > 1]).mean()
+        )
 
     assert mean_abs_weight("train.l1=1e-3") < 0.7 * mean_abs_weight("train.l1=0")
 

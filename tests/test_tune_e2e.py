@@ -10,7 +10,7 @@ import os
 import signal
 import subprocess
 import time
-import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -18,7 +18,7 @@ import pytest
 
 from cnnops import studies, tracking
 from cnnops.config import load_config
-from tests.conftest import BIN, cnnops
+from tests.conftest import BIN, cnnops, postgres_database
 
 pytestmark = pytest.mark.slow
 
@@ -141,18 +141,9 @@ def test_three_workers_on_the_journal_finish_exactly_n_trials(digits: Path) -> N
 
 
 @pytest.fixture
-def postgres_url() -> str:
-    psycopg2 = pytest.importorskip("psycopg2")
-    name = f"cnnops_tune_{uuid.uuid4().hex[:8]}"
-    try:
-        admin = psycopg2.connect(host="127.0.0.1", user="postgres", dbname="postgres")
-    except psycopg2.OperationalError as e:
-        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432: {e}")
-    admin.autocommit = True
-    admin.cursor().execute(f"CREATE DATABASE {name}")
-    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    admin.cursor().execute(f"DROP DATABASE {name} WITH (FORCE)")
-    admin.close()
+def postgres_url() -> Iterator[str]:
+    with postgres_database("cnnops_tune") as url:
+        yield url.replace("+psycopg2", "")  # the plain form users write; cnnops picks the driver
 
 
 def test_two_workers_share_one_study_on_postgresql(digits: Path, postgres_url: str) -> None:

@@ -18,8 +18,16 @@ from torch import nn
 
 # The entries this engine implements; a spec using others (blur, elastic) trains on the
 # Albumentations engine instead.
-SUPPORTED = {"affine", "hflip", "vflip", "random_resized_crop", "crop_and_pad",
-             "brightness_contrast", "gauss_noise", "coarse_dropout"}
+SUPPORTED = {
+    "affine",
+    "hflip",
+    "vflip",
+    "random_resized_crop",
+    "crop_and_pad",
+    "brightness_contrast",
+    "gauss_noise",
+    "coarse_dropout",
+}
 
 Resolved = list[tuple[str, float, dict[str, float]]]
 
@@ -58,8 +66,13 @@ class BatchAugment(nn.Module):
         return out
 
 
-def _uniform(n: int, low: float | torch.Tensor, high: float | torch.Tensor, g: torch.Generator,
-             device: torch.device) -> torch.Tensor:
+def _uniform(
+    n: int,
+    low: float | torch.Tensor,
+    high: float | torch.Tensor,
+    g: torch.Generator,
+    device: torch.device,
+) -> torch.Tensor:
     return low + (high - low) * torch.rand(n, device=device, generator=g)
 
 
@@ -80,7 +93,9 @@ def affine(x: torch.Tensor, v: dict[str, float], g: torch.Generator) -> torch.Te
         sx, sy = (_uniform(n, 1 - v["scale"], 1 + v["scale"], g, dev) for _ in range(2))
         forward = torch.diag_embed(torch.stack([sx, sy], 1))
     if v["shear"] > 0:
-        hx, hy = (torch.tan(torch.deg2rad(_uniform(n, -v["shear"], v["shear"], g, dev))) for _ in range(2))
+        hx, hy = (
+            torch.tan(torch.deg2rad(_uniform(n, -v["shear"], v["shear"], g, dev))) for _ in range(2)
+        )
         one = torch.ones_like(hx)
         shear = torch.stack([one, hx, hy, one], 1).view(n, 2, 2)
         forward = shear if forward is None else shear @ forward
@@ -146,11 +161,14 @@ def crop_and_pad(x: torch.Tensor, v: dict[str, float], g: torch.Generator) -> to
     # result is resized back: an axis-aligned affine map per image.
     n, dev = len(x), x.device
     h, w = x.shape[-2:]
-    top, right, bottom, left = (_whole_pixels(_uniform(n, -v["percent"], v["percent"], g, dev), side)
-                                for side in (h, w, h, w))
+    top, right, bottom, left = (
+        _whole_pixels(_uniform(n, -v["percent"], v["percent"], g, dev), side)
+        for side in (h, w, h, w)
+    )
     zero = torch.zeros_like(top)
-    theta = torch.stack([1 + left + right, zero, right - left,
-                         zero, 1 + top + bottom, bottom - top], 1).view(n, 2, 3)
+    theta = torch.stack(
+        [1 + left + right, zero, right - left, zero, 1 + top + bottom, bottom - top], 1
+    ).view(n, 2, 3)
     return _warp(x, theta)
 
 
@@ -179,15 +197,24 @@ def coarse_dropout(x: torch.Tensor, v: dict[str, float], g: torch.Generator) -> 
     x0 = (torch.rand(n, k, device=dev, generator=g) * (w - ww + 1)).long()
     yy = torch.arange(h, device=dev).view(1, 1, h, 1)
     xx = torch.arange(w, device=dev).view(1, 1, 1, w)
-    inside = ((yy >= y0[..., None, None]) & (yy < (y0 + hh)[..., None, None])
-              & (xx >= x0[..., None, None]) & (xx < (x0 + ww)[..., None, None]))
+    inside = (
+        (yy >= y0[..., None, None])
+        & (yy < (y0 + hh)[..., None, None])
+        & (xx >= x0[..., None, None])
+        & (xx < (x0 + ww)[..., None, None])
+    )
     active = torch.arange(k, device=dev).view(1, k) < count
     holes = (inside & active[..., None, None]).any(dim=1, keepdim=True)
     return x.masked_fill(holes, 0.0)
 
 
 _OPS: dict[str, Callable[[torch.Tensor, dict[str, float], torch.Generator], torch.Tensor]] = {
-    "affine": affine, "hflip": hflip, "vflip": vflip, "random_resized_crop": random_resized_crop,
-    "crop_and_pad": crop_and_pad, "brightness_contrast": brightness_contrast,
-    "gauss_noise": gauss_noise, "coarse_dropout": coarse_dropout,
+    "affine": affine,
+    "hflip": hflip,
+    "vflip": vflip,
+    "random_resized_crop": random_resized_crop,
+    "crop_and_pad": crop_and_pad,
+    "brightness_contrast": brightness_contrast,
+    "gauss_noise": gauss_noise,
+    "coarse_dropout": coarse_dropout,
 }

@@ -13,13 +13,22 @@ import typer
 
 from cnnops.errors import CnnopsError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Reproducible CNN pipelines: fetch → prepare → train → tune → register → evaluate → promote.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Reproducible CNN pipelines: fetch → prepare → train → tune → register → evaluate → promote.",
+)
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="The params file to read.")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", "-S", help="Override a value: KEY=VALUE (repeatable).")]
-WorkersOpt = Annotated[int | None, typer.Option(
-    "--workers", "-w", min=1, help="Worker processes on this machine (default: tune.workers).")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", "-S", help="Override a value: KEY=VALUE (repeatable).")
+]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--workers", "-w", min=1, help="Worker processes on this machine (default: tune.workers)."
+    ),
+]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -96,14 +105,21 @@ def train(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
 
 NOpt = Annotated[int, typer.Option("--n", min=1, max=64, help="Training images, one per row.")]
 DrawsOpt = Annotated[int, typer.Option("--draws", min=1, max=32, help="Augmented draws per image.")]
-OutOpt = Annotated[Path | None, typer.Option(
-    "--out", help="The PNG to write; paths.reports/augment_preview.png when unset.")]
+OutOpt = Annotated[
+    Path | None,
+    typer.Option("--out", help="The PNG to write; paths.reports/augment_preview.png when unset."),
+]
 
 
 @app.command("augment-preview")
 @clear_errors
-def augment_preview(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, n: NOpt = 8,
-                    draws: DrawsOpt = 8, out: OutOpt = None) -> None:
+def augment_preview(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    n: NOpt = 8,
+    draws: DrawsOpt = 8,
+    out: OutOpt = None,
+) -> None:
     """Draw a PNG grid of training images with augmented draws of each: what the model sees."""
     from cnnops.augment import write_preview
     from cnnops.data import prepare
@@ -116,8 +132,9 @@ def augment_preview(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None
 
 @app.command()
 @clear_errors
-def tune(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
-         workers: WorkersOpt = None) -> None:
+def tune(
+    params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, workers: WorkersOpt = None
+) -> None:
     """Optuna search over the regularization levers; best params and checkpoint to paths.*/tune."""
     from cnnops.tune_stage import tune_stage
 
@@ -164,7 +181,8 @@ def rollback(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> No
 @app.command()
 @clear_errors
 def serve(
-    params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
     alias: Annotated[str, typer.Option(help="The registry alias to serve.")] = "champion",
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 5001,

@@ -261,15 +261,16 @@ class Config(Section):
     evaluate: Evaluate = Evaluate()
     tune: Tune = Tune()
 
-
     registry: Registry = Registry()
     mlflow: Mlflow = Mlflow()
 
     @model_validator(mode="after")
     def _sync_batchnorm_needs_gpus(self) -> Config:
         if self.train.sync_batchnorm and self.train.accelerator == "cpu":
-            raise ValueError("train.sync_batchnorm = true: PyTorch's SyncBatchNorm runs on GPUs only; "
-                             "set it false with accelerator: cpu")
+            raise ValueError(
+                "train.sync_batchnorm = true: PyTorch's SyncBatchNorm runs on GPUs only; "
+                "set it false with accelerator: cpu"
+            )
         return self
 
     @model_validator(mode="after")
@@ -331,7 +332,9 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     try:
         node[parts[-1]] = parse_value(text)
     except (IndexError, TypeError):
-        raise ConfigError(f"--set {key.strip()}: cannot assign inside {type(node).__name__}") from None
+        raise ConfigError(
+            f"--set {key.strip()}: cannot assign inside {type(node).__name__}"
+        ) from None
 
 
 def _format_error(source: str, data: dict[str, Any], err: ValidationError) -> str:

@@ -25,8 +25,10 @@ def checkpoint_predictor(path: Path, batch_size: int = 512) -> Predict:
 
     @torch.inference_mode()
     def predict(x: np.ndarray) -> np.ndarray:
-        parts = [model.predict_proba(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size])))
-                 for i in range(0, len(x), batch_size)]
+        parts = [
+            model.predict_proba(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size])))
+            for i in range(0, len(x), batch_size)
+        ]
         return torch.cat(parts).numpy()
 
     return predict
@@ -48,11 +50,16 @@ def score(predict: Predict, x: np.ndarray, y: np.ndarray, classes: list[str]) ->
     }
 
 
-def write_reports(result: dict[str, Any], classes: list[str], folder: Path, prefix: str = "eval") -> dict:
+def write_reports(
+    result: dict[str, Any], classes: list[str], folder: Path, prefix: str = "eval"
+) -> dict:
     result.pop("y_pred")
     cm = result.pop("confusion")
-    rows = [{"actual": classes[i], "predicted": classes[j]}
-            for i, j in np.ndindex(cm.shape) for _ in range(cm[i, j])]
+    rows = [
+        {"actual": classes[i], "predicted": classes[j]}
+        for i, j in np.ndindex(cm.shape)
+        for _ in range(cm[i, j])
+    ]
     reports.write_csv(folder / f"{prefix}_confusion.csv", rows)
     reports.plot_confusion(cm, classes, folder / f"{prefix}_confusion.png")
     reports.write_json(folder / f"{prefix}_per_class.json", result.pop("per_class"))
@@ -73,23 +80,28 @@ def _score_alias(client: Any, alias: str, data: prepare.Prepared, config: Config
     model, version = registry.load_model(client, config.registry.model_name, alias)
     result = score(model.predict, data.x["test"], data.y["test"], data.classes)
     result["images_per_s"] = throughput(model.predict, data.x["test"], config.evaluate.batch_size)
-    result.update(model_name=config.registry.model_name, model_version=int(version.version),
-                  alias=alias)
+    result.update(
+        model_name=config.registry.model_name, model_version=int(version.version), alias=alias
+    )
     return result
 
 
 def _challenger_reports(result: dict[str, Any], data: prepare.Prepared, folder: Path) -> dict:
     x, y, y_pred = data.x["test"], data.y["test"], result["y_pred"]
     wrong = np.flatnonzero(y_pred != y)
-    reports.plot_misclassified(x[wrong], y[wrong], y_pred[wrong], data.classes,
-                               folder / "eval_misclassified.png")
+    reports.plot_misclassified(
+        x[wrong], y[wrong], y_pred[wrong], data.classes, folder / "eval_misclassified.png"
+    )
     return write_reports(result, data.classes, folder, "eval")
 
 
 def _champion_report(result: dict[str, Any] | None, folder: Path) -> dict:
     """Only the champion's numbers: its plots were drawn back when it was the challenger."""
-    summary = {k: v for k, v in (result or {"model_version": None}).items()
-               if k not in ("y_pred", "confusion", "per_class")}
+    summary = {
+        k: v
+        for k, v in (result or {"model_version": None}).items()
+        if k not in ("y_pred", "confusion", "per_class")
+    }
     reports.write_json(folder / "eval_champion.json", summary)
     return summary
 
@@ -104,19 +116,35 @@ def evaluate_stage(config: Config) -> dict[str, Any]:
     challenger = _score_alias(client, registry.CHALLENGER, data, config)
     has_champion = registry.version_by_alias(client, name, registry.CHAMPION) is not None
     champion = _score_alias(client, registry.CHAMPION, data, config) if has_champion else None
-    results = {"challenger": _challenger_reports(challenger, data, folder),
-               "champion": _champion_report(champion, folder)}
-    tracker = tracking.MlflowTracker(config.mlflow, run_name="evaluate", tags={
-        "cnnops.stage": "evaluate", "model.name": name,
-        **{f"model.{alias}_version": str(r["model_version"]) for alias, r in results.items()}})
+    results = {
+        "challenger": _challenger_reports(challenger, data, folder),
+        "champion": _champion_report(champion, folder),
+    }
+    tracker = tracking.MlflowTracker(
+        config.mlflow,
+        run_name="evaluate",
+        tags={
+            "cnnops.stage": "evaluate",
+            "model.name": name,
+            **{f"model.{alias}_version": str(r["model_version"]) for alias, r in results.items()},
+        },
+    )
     try:
         for alias, r in results.items():
-            numbers = {f"{alias}_{k}": v for k, v in r.items()
-                       if isinstance(v, float | int) and k != "model_version"}
+            numbers = {
+                f"{alias}_{k}": v
+                for k, v in r.items()
+                if isinstance(v, float | int) and k != "model_version"
+            }
             if numbers:  # MLflow hands back no future for an empty batch
                 tracker.log_metrics(numbers, step=0)
-        for path in ("eval.json", "eval_champion.json", "eval_per_class.json",
-                     "eval_confusion.png", "eval_misclassified.png"):
+        for path in (
+            "eval.json",
+            "eval_champion.json",
+            "eval_per_class.json",
+            "eval_confusion.png",
+            "eval_misclassified.png",
+        ):
             tracker.log_artifact(folder / path, "evaluate")
     except BaseException:
         tracker.close("FAILED")

@@ -15,19 +15,29 @@ from cnnops.models import build_model
 class Classifier(L.LightningModule):
     """Wraps a registered model; takes uint8 or normalized float images, returns logits."""
 
-    def __init__(self, model: dict[str, Any], train: dict[str, Any], in_channels: int,
-                 num_classes: int, image_size: int, mean: list[float], std: list[float],
-                 classes: list[str], config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        model: dict[str, Any],
+        train: dict[str, Any],
+        in_channels: int,
+        num_classes: int,
+        image_size: int,
+        mean: list[float],
+        std: list[float],
+        classes: list[str],
+        config: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         # Everything needed to rebuild the model (and the resolved config) rides in the checkpoint.
         self.save_hyperparameters()
         self.spec, self.train_spec = Model(**model), Train(**train)
         self.net = build_model(self.spec, in_channels, num_classes, image_size)
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+        mean_t, std_t = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+        self.register_buffer("mean", mean_t)
+        self.register_buffer("std", std_t)
         # (x / 255 - mean) / std folded into one multiply-add on pixel values.
-        self.register_buffer("scale", 1 / (255 * self.std), persistent=False)
-        self.register_buffer("shift", -self.mean / self.std, persistent=False)
+        self.register_buffer("scale", 1 / (255 * std_t), persistent=False)
+        self.register_buffer("shift", -mean_t / std_t, persistent=False)
         self.gpu_augment: torch.nn.Module | None = None
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
@@ -40,7 +50,7 @@ class Classifier(L.LightningModule):
 
     def standardize(self, x: torch.Tensor) -> torch.Tensor:
         """Float pixel values in [0, 255] → the network's input scale."""
-        return torch.addcmul(self.shift, x, self.scale)
+        return torch.addcmul(self.shift, x, self.scale)  # type: ignore[arg-type]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.normalize(x))
@@ -77,7 +87,7 @@ class Classifier(L.LightningModule):
         if self.trainer.world_size > 1:
             sums = torch.cat([sums, sums.new_tensor([count])])
             sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
-            count = sums[2].item()
+            count = int(sums[2].item())
         loss, correct = sums[:2].tolist()
         return {f"{stage}_loss": loss / count, f"{stage}_acc": correct / count}
 
@@ -92,7 +102,9 @@ class Classifier(L.LightningModule):
         weights = [p for n, p in self.net.named_parameters() if p.ndim > 1]
         return torch.stack([w.abs().sum() for w in weights]).sum()
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
         loss = self._step(batch, "train")
         if self.train_spec.l1 > 0:
             loss = loss + self.train_spec.l1 * self.l1_penalty()
@@ -109,13 +121,16 @@ class Classifier(L.LightningModule):
         # L2 acts on weights only: decaying biases and batch-norm scales fights normalization.
         decay = [p for p in self.parameters() if p.ndim > 1]
         rest = [p for p in self.parameters() if p.ndim <= 1]
-        groups = [{"params": decay, "weight_decay": opt.weight_decay},
-                  {"params": rest, "weight_decay": 0.0}]
+        groups = [
+            {"params": decay, "weight_decay": opt.weight_decay},
+            {"params": rest, "weight_decay": 0.0},
+        ]
         # One fused kernel per step instead of one per tensor group: small models are launch-bound.
         fused = True if self.device.type == "cuda" else None
         if opt.name == "sgd":
-            optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum,
-                                                               nesterov=opt.momentum > 0)
+            optimizer: torch.optim.Optimizer = torch.optim.SGD(
+                groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.momentum > 0
+            )
         elif opt.name == "adam":
             optimizer = torch.optim.Adam(groups, lr=opt.lr, fused=fused)
         else:
@@ -124,7 +139,10 @@ class Classifier(L.LightningModule):
         if scheduler is None:
             return optimizer
         interval = "step" if sched.name == "onecycle" else "epoch"
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": interval},
+        }
 
     def _scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
         sched, epochs = self.train_spec.scheduler, self.train_spec.max_epochs
@@ -133,13 +151,16 @@ class Classifier(L.LightningModule):
         if sched.name == "onecycle":
             steps = int(self.trainer.estimated_stepping_batches)
             return torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=self.train_spec.optimizer.lr, total_steps=max(steps, 1))
+                optimizer, max_lr=self.train_spec.optimizer.lr, total_steps=max(steps, 1)
+            )
         if sched.name == "cosine":
             cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
-                optimizer, T_max=max(epochs - sched.warmup_epochs, 1))
+                optimizer, T_max=max(epochs - sched.warmup_epochs, 1)
+            )
             if sched.warmup_epochs == 0:
                 return cosine
             warmup = torch.optim.lr_scheduler.LinearLR(optimizer, 0.1, 1.0, sched.warmup_epochs)
-            return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine],
-                                                         [sched.warmup_epochs])
+            return torch.optim.lr_scheduler.SequentialLR(
+                optimizer, [warmup, cosine], [sched.warmup_epochs]
+            )
         return None

@@ -80,8 +80,15 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> None:
     ax.set_ylabel("actual")
     threshold = cm.max() / 2
     for i, j in np.ndindex(cm.shape):
-        ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
-                color="white" if cm[i, j] > threshold else "black")
+        ax.text(
+            j,
+            i,
+            str(cm[i, j]),
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="white" if cm[i, j] > threshold else "black",
+        )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -92,22 +99,29 @@ def plot_image_grid(rows: list[list[np.ndarray]], path: Path, title: str = "") -
     """uint8 (C, H, W) images in a grid, one row per list; the first column labelled original."""
     plt = _pyplot()
     cols = max(len(r) for r in rows)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(cols * 1.1, len(rows) * 1.1 + 0.4),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows), cols, figsize=(cols * 1.1, len(rows) * 1.1 + 0.4), squeeze=False
+    )
     for ax in axes.flat:
         ax.axis("off")
     for r, images in enumerate(rows):
         for c, image in enumerate(images):
             hwc = image.transpose(1, 2, 0)
             gray = hwc.shape[2] == 1
-            axes[r][c].imshow(hwc[:, :, 0] if gray else hwc, cmap="gray" if gray else None,
-                              vmin=0, vmax=255, interpolation="nearest")
+            axes[r][c].imshow(
+                hwc[:, :, 0] if gray else hwc,
+                cmap="gray" if gray else None,
+                vmin=0,
+                vmax=255,
+                interpolation="nearest",
+            )
     axes[0][0].set_title("original", fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
 
 STUDY_PLOTS = ("optimization_history", "param_importances", "parallel_coordinate")
 
@@ -150,13 +164,21 @@ def _study_html(study: Any, name: str, folder: Path) -> None:
     except (ImportError, ValueError, RuntimeError):
         pass
     png = base64.b64encode((folder / f"{name}.png").read_bytes()).decode()
-    path.write_text(f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{name}</title>"
-                    f"</head><body><h1>{study.study_name}: {name.replace('_', ' ')}</h1>"
-                    f"<img src='data:image/png;base64,{png}' alt='{name}'></body></html>\n")
+    path.write_text(
+        f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{name}</title>"
+        f"</head><body><h1>{study.study_name}: {name.replace('_', ' ')}</h1>"
+        f"<img src='data:image/png;base64,{png}' alt='{name}'></body></html>\n"
+    )
 
 
-def plot_misclassified(x: np.ndarray, y: np.ndarray, y_pred: np.ndarray, classes: list[str],
-                       path: Path, limit: int = 36) -> None:
+def plot_misclassified(
+    x: np.ndarray,
+    y: np.ndarray,
+    y_pred: np.ndarray,
+    classes: list[str],
+    path: Path,
+    limit: int = 36,
+) -> None:
     """A grid of wrongly classified images (uint8 N, C, H, W), titled `actual → predicted`."""
     plt = _pyplot()
     n = min(len(x), limit)

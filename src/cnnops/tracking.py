@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 
 
 class Tracker(Protocol):
-    run_id: str | None
+    @property
+    def run_id(self) -> str | None: ...
 
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
@@ -74,19 +75,27 @@ def experiment_id(c: MlflowClient, cfg: Mlflow) -> str:
 class MlflowTracker:
     """One MLflow run; metrics go out asynchronously and are flushed on `close`."""
 
-    def __init__(self, cfg: Mlflow, run_name: str, parent_run_id: str | None = None,
-                 tags: dict[str, str] | None = None, run_id: str | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Mlflow,
+        run_name: str,
+        parent_run_id: str | None = None,
+        tags: dict[str, str] | None = None,
+        run_id: str | None = None,
+    ) -> None:
         self.client = client(cfg)
         self._pending: list[Any] = []
         if run_id:  # reopen an existing run, e.g. a study's parent run on resume
-            self.run_id = run_id
+            self.run_id: str = run_id
             self.client.update_run(run_id, status="RUNNING")
             self.set_tags(tags or {})
             return
         all_tags = dict(tags or {})
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(experiment_id(self.client, cfg), run_name=run_name, tags=all_tags)
+        run = self.client.create_run(
+            experiment_id(self.client, cfg), run_name=run_name, tags=all_tags
+        )
         self.run_id = run.info.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -133,16 +142,25 @@ def child_runs(cfg: Mlflow, parent_run_id: str) -> list[Any]:
     """The runs nested under `parent_run_id`."""
     c = client(cfg)
     parent = c.get_run(parent_run_id)
-    return c.search_runs([parent.info.experiment_id], max_results=10000,
-                         filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    return c.search_runs(
+        [parent.info.experiment_id],
+        max_results=10000,
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+    )
 
 
 def git_commit(cwd: Path = Path()) -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                             check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -167,8 +185,12 @@ def dvc_hashes(inputs: list[Path], lock: Path = Path("dvc.lock")) -> dict[str, s
 def environment() -> dict[str, str]:
     import torch
 
-    tags = {"torch": torch.__version__, "python": platform.python_version(),
-            "cuda": str(torch.version.cuda), "device": "cpu"}
+    tags = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": str(torch.version.cuda),
+        "device": "cpu",
+    }
     if torch.cuda.is_available():
         tags["device"] = torch.cuda.get_device_name(0)
     return tags

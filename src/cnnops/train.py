@@ -38,7 +38,9 @@ class Curves(Callback):
         row["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
         self.rows.append(row)
         if trainer.is_global_zero:
-            self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+            self.tracker.log_metrics(
+                {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])
+            )
 
 
 @dataclass
@@ -52,14 +54,19 @@ class TrainResult:
 def build_module(config: Config, prepared: Prepared) -> Classifier:
     channels, size, _ = prepared.shape
     return Classifier(
-        model=config.model.model_dump(mode="json"), train=config.train.model_dump(mode="json"),
-        in_channels=channels, num_classes=len(prepared.classes), image_size=size,
-        mean=prepared.mean, std=prepared.std, classes=prepared.classes,
+        model=config.model.model_dump(mode="json"),
+        train=config.train.model_dump(mode="json"),
+        in_channels=channels,
+        num_classes=len(prepared.classes),
+        image_size=size,
+        mean=prepared.mean,
+        std=prepared.std,
+        classes=prepared.classes,
         config=config.model_dump(mode="json"),
     )
 
 
-def _precision(value: str) -> str:
+def _precision(value: str) -> Any:
     return "32-true" if value == "32" else value
 
 
@@ -75,8 +82,10 @@ def batched_engine(config: Config, prepared: Prepared) -> torch.nn.Module | None
     if not supports(resolved):
         if spec.engine == "batched":
             names = sorted({n for n, _, _ in resolved})
-            raise ConfigError(f"augment.engine = 'batched': not every transform of {names} has a "
-                              "batched implementation; use engine: auto or albumentations")
+            raise ConfigError(
+                f"augment.engine = 'batched': not every transform of {names} has a "
+                "batched implementation; use engine: auto or albumentations"
+            )
         return None
     return BatchAugment(resolved, seed=config.train.seed)
 
@@ -89,8 +98,13 @@ def best_row(rows: list[dict[str, float]], monitor: str) -> dict[str, float]:
     return pick(scored, key=lambda r: r[monitor])
 
 
-def train(config: Config, prepared: Prepared, out_dir: Path, tracker: Tracker | None = None,
-          callbacks: list[Callback] | None = None) -> TrainResult:
+def train(
+    config: Config,
+    prepared: Prepared,
+    out_dir: Path,
+    tracker: Tracker | None = None,
+    callbacks: list[Callback] | None = None,
+) -> TrainResult:
     """Train `config.model` on `prepared`; checkpoints (best and last) land in `out_dir`."""
     t = config.train
     if rank_zero():  # stale checkpoints from an earlier run must not pass for this run's best
@@ -102,19 +116,37 @@ def train(config: Config, prepared: Prepared, out_dir: Path, tracker: Tracker | 
     monitor = t.early_stopping.monitor
     mode = "max" if monitor.endswith("acc") else "min"
     curves = Curves(tracker)
-    checkpoint = ModelCheckpoint(dirpath=out_dir, filename="best", monitor=monitor, mode=mode,
-                                 save_last=True, enable_version_counter=False)
+    checkpoint = ModelCheckpoint(
+        dirpath=out_dir,
+        filename="best",
+        monitor=monitor,
+        mode=mode,
+        save_last=True,
+        enable_version_counter=False,
+    )
     all_callbacks: list[Callback] = [curves, checkpoint, *(callbacks or [])]
     if t.early_stopping.enabled:
-        stopper = EarlyStopping(monitor=monitor, mode=mode, patience=t.early_stopping.patience,
-                                min_delta=t.early_stopping.min_delta)
+        stopper = EarlyStopping(
+            monitor=monitor,
+            mode=mode,
+            patience=t.early_stopping.patience,
+            min_delta=t.early_stopping.min_delta,
+        )
         all_callbacks.append(stopper)
     trainer = L.Trainer(
-        max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices,
-        strategy=t.strategy, sync_batchnorm=t.sync_batchnorm,
-        precision=_precision(t.precision), deterministic=t.deterministic, logger=False,
-        callbacks=all_callbacks, default_root_dir=out_dir, num_sanity_val_steps=0,
-        enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False,
+        max_epochs=t.max_epochs,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        sync_batchnorm=t.sync_batchnorm,
+        precision=_precision(t.precision),
+        deterministic=t.deterministic,
+        logger=False,
+        callbacks=all_callbacks,
+        default_root_dir=out_dir,
+        num_sanity_val_steps=0,
+        enable_progress_bar=sys.stderr.isatty(),
+        enable_model_summary=False,
         # cuDNN autotuning costs seconds of warm-up that small networks never earn back.
         benchmark=False,
     )
@@ -125,8 +157,14 @@ def train(config: Config, prepared: Prepared, out_dir: Path, tracker: Tracker | 
         module.net.compile()  # in place: checkpoint keys stay those of the plain module
     module.gpu_augment = batched_engine(config, prepared)
     workers_augment = config.augment if module.gpu_augment is None else None
-    data = ImageData(prepared, t.batch_size, t.seed, eval_batch_size=config.evaluate.batch_size,
-                     augment=workers_augment, num_workers=t.num_workers)
+    data = ImageData(
+        prepared,
+        t.batch_size,
+        t.seed,
+        eval_batch_size=config.evaluate.batch_size,
+        augment=workers_augment,
+        num_workers=t.num_workers,
+    )
     started = time.perf_counter()
     trainer.fit(module, datamodule=data)
     elapsed = time.perf_counter() - started
@@ -178,29 +216,45 @@ def train_stage(config: Config) -> dict[str, Any]:
     prepared = prepare.load(paths.prepared)
     if not rank_zero():  # DDP re-launches this command per rank; only rank 0 records anything
         return train(config, prepared, paths.models / "train").metrics
-    tracker = tracking.MlflowTracker(config.mlflow, run_name="train", tags={"cnnops.stage": "train"})
+    tracker = tracking.MlflowTracker(
+        config.mlflow, run_name="train", tags={"cnnops.stage": "train"}
+    )
     try:
         tracker.log_params(flatten(config))
-        tracker.set_tags({"git.commit": tracking.git_commit(), **tracking.environment(),
-                          **tracking.dvc_hashes([paths.prepared])})
+        tracker.set_tags(
+            {
+                "git.commit": tracking.git_commit(),
+                **tracking.environment(),
+                **tracking.dvc_hashes([paths.prepared]),
+            }
+        )
         result = train(config, prepared, paths.models / "train", tracker)
         metrics = result.metrics
         reports.write_json(paths.reports / "train.json", metrics)
-        reports.write_json(result.best_checkpoint.parent / "run.json",
-                           {"mlflow_run_id": tracker.run_id, **metrics})
+        reports.write_json(
+            result.best_checkpoint.parent / "run.json", {"mlflow_run_id": tracker.run_id, **metrics}
+        )
         reports.write_csv(paths.reports / "train_curves.csv", result.curves)
-        reports.plot_curves(result.curves, paths.reports / "train_curves.png",
-                            f"{config.model.name} on {config.fetch.source}")
+        reports.plot_curves(
+            result.curves,
+            paths.reports / "train_curves.png",
+            f"{config.model.name} on {config.fetch.source}",
+        )
         resolved = paths.reports / "config.resolved.yaml"
         resolved.write_text(dump_config(config))
-        for path in (resolved, paths.reports / "train_curves.png", paths.reports / "train_curves.csv"):
+        for path in (
+            resolved,
+            paths.reports / "train_curves.png",
+            paths.reports / "train_curves.csv",
+        ):
             tracker.log_artifact(path)
         if config.augment.transforms:
             from cnnops.augment import write_preview
 
             preview = paths.models / "train" / "augment_preview.png"
-            tracker.log_artifact(write_preview(config.augment, prepared.x["train"], preview,
-                                               seed=config.train.seed))
+            tracker.log_artifact(
+                write_preview(config.augment, prepared.x["train"], preview, seed=config.train.seed)
+            )
         summary = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
         tracker.log_metrics(summary, step=result.metrics["epochs_run"])
     except BaseException:

@@ -9,8 +9,13 @@ from cnnops.config import Augment
 from cnnops.data.datamodule import ImageData, TensorBatches
 from cnnops.data.prepare import Prepared
 
-AUGMENT = Augment(transforms=[{"name": "affine", "p": 0.8}, {"name": "gauss_noise", "p": 0.5},
-                              {"name": "coarse_dropout", "p": 0.5}])
+AUGMENT = Augment(
+    transforms=[
+        {"name": "affine", "p": 0.8},
+        {"name": "gauss_noise", "p": 0.5},
+        {"name": "coarse_dropout", "p": 0.5},
+    ]
+)
 
 
 def prepared(n: int = 96, shape: tuple[int, int, int] = (1, 8, 8)) -> Prepared:

@@ -35,7 +35,9 @@ def test_a_recompressed_mirror_copy_still_verifies(tmp_path: Path, mnist_mirror:
     mirror = tmp_path / "mirror"
     mirror.mkdir()
     for gz in mnist_mirror.glob("*.gz"):
-        (mirror / gz.name).write_bytes(gzip.compress(gzip.decompress(gz.read_bytes()), compresslevel=1))
+        (mirror / gz.name).write_bytes(
+            gzip.compress(gzip.decompress(gz.read_bytes()), compresslevel=1)
+        )
     fetch(Fetch(source="mnist", mirror=f"file://{mirror}"), tmp_path / "raw")
     assert (tmp_path / "raw" / "t10k-labels-idx1-ubyte").stat().st_size == 10008
 
@@ -49,7 +51,9 @@ def corrupt_mirror(tmp_path: Path, mnist_mirror: Path) -> Path:
     return mirror
 
 
-def test_checksum_mismatch_fails_and_leaves_no_partial_raw_data(tmp_path: Path, mnist_mirror: Path) -> None:
+def test_checksum_mismatch_fails_and_leaves_no_partial_raw_data(
+    tmp_path: Path, mnist_mirror: Path
+) -> None:
     mirror = corrupt_mirror(tmp_path, mnist_mirror)
     with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte.gz: checksum mismatch"):
         fetch(Fetch(source="mnist", mirror=str(mirror)), tmp_path / "raw")
@@ -100,13 +104,17 @@ def make_image_folder(root: Path, size: int = 12) -> Path:
         (root / name).mkdir(parents=True)
         for i in range(6):
             pixels = np.clip(rng.normal(shade, 20, (size, size, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{i}.png" if i % 2 else root / name / f"{i}.jpg")
+            Image.fromarray(pixels).save(
+                root / name / f"{i}.png" if i % 2 else root / name / f"{i}.jpg"
+            )
     return root
 
 
 def test_image_folder_reads_classes_from_subfolders(tmp_path: Path) -> None:
     folder = make_image_folder(tmp_path / "pets")
-    config = Config(fetch=Fetch(source="imagefolder", url=str(folder)), prepare=Prepare(image_size=16))
+    config = Config(
+        fetch=Fetch(source="imagefolder", url=str(folder)), prepare=Prepare(image_size=16)
+    )
     fetch(config.fetch, tmp_path / "raw")
     data = load_raw(config, tmp_path / "raw")
     assert data.classes == ["cats", "dogs"]
@@ -117,7 +125,9 @@ def test_image_folder_reads_classes_from_subfolders(tmp_path: Path) -> None:
 def test_image_folder_from_a_zip_archive(tmp_path: Path) -> None:
     folder = make_image_folder(tmp_path / "src" / "pets")
     archive = shutil.make_archive(str(tmp_path / "pets"), "zip", tmp_path / "src")
-    config = Config(fetch=Fetch(source="imagefolder", url=f"file://{archive}"), prepare=Prepare(image_size=8))
+    config = Config(
+        fetch=Fetch(source="imagefolder", url=f"file://{archive}"), prepare=Prepare(image_size=8)
+    )
     fetch(config.fetch, tmp_path / "raw")
     assert load_raw(config, tmp_path / "raw").classes == ["cats", "dogs"]
     del folder
@@ -127,7 +137,9 @@ def test_truncated_image_is_named(tmp_path: Path) -> None:
     folder = make_image_folder(tmp_path / "pets")
     bad = folder / "dogs" / "1.png"
     bad.write_bytes(bad.read_bytes()[:40])
-    config = Config(fetch=Fetch(source="imagefolder", url=str(folder)), prepare=Prepare(image_size=8))
+    config = Config(
+        fetch=Fetch(source="imagefolder", url=str(folder)), prepare=Prepare(image_size=8)
+    )
     fetch(config.fetch, tmp_path / "raw")
     with pytest.raises(DataError, match=r"dogs/1.png: unreadable or truncated image"):
         load_raw(config, tmp_path / "raw")

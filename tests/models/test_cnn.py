@@ -14,7 +14,10 @@ from cnnops.models.cnn import SeedCNN, feature_sizes
 
 
 def seed_spec(**changes: object) -> Model:
-    blocks = [ConvBlock(filters=6, kernel=5, padding="valid"), ConvBlock(filters=12, kernel=5, padding="valid")]
+    blocks = [
+        ConvBlock(filters=6, kernel=5, padding="valid"),
+        ConvBlock(filters=12, kernel=5, padding="valid"),
+    ]
     return Model(conv=blocks, fc=[32], **changes)
 
 
@@ -22,8 +25,13 @@ def seed_spec(**changes: object) -> Model:
     ("kind", "padding", "batch_norm"),
     list(itertools.product(["max", "avg", "sum"], ["valid", "same"], [True, False])),
 )
-def test_feature_map_shapes_follow_padding_and_pooling(kind: str, padding: str, batch_norm: bool) -> None:
-    blocks = [ConvBlock(filters=6, kernel=5, padding=padding), ConvBlock(filters=12, kernel=3, padding=padding)]
+def test_feature_map_shapes_follow_padding_and_pooling(
+    kind: str, padding: str, batch_norm: bool
+) -> None:
+    blocks = [
+        ConvBlock(filters=6, kernel=5, padding=padding),
+        ConvBlock(filters=12, kernel=3, padding=padding),
+    ]
     spec = Model(conv=blocks, pooling=Pooling(kind=kind), batch_norm=batch_norm, fc=[16])
     net = SeedCNN(spec, in_channels=1, num_classes=10, image_size=28).eval()
     features = net.features(torch.rand(3, 1, 28, 28))
@@ -46,10 +54,17 @@ def test_seed_network_from_the_product_card_is_expressible() -> None:
 
 
 def test_sum_pooling_sums_each_window() -> None:
-    spec = Model(conv=[ConvBlock(filters=1, kernel=1)], pooling=Pooling(kind="sum"), batch_norm=False)
+    spec = Model(
+        conv=[ConvBlock(filters=1, kernel=1)], pooling=Pooling(kind="sum"), batch_norm=False
+    )
     pool = SeedCNN(spec, 1, 2, 4).features[-1]
     x = torch.arange(16.0).view(1, 1, 4, 4)
-    assert pool(x).flatten().tolist() == [0 + 1 + 4 + 5, 2 + 3 + 6 + 7, 8 + 9 + 12 + 13, 10 + 11 + 14 + 15]
+    assert pool(x).flatten().tolist() == [
+        0 + 1 + 4 + 5,
+        2 + 3 + 6 + 7,
+        8 + 9 + 12 + 13,
+        10 + 11 + 14 + 15,
+    ]
 
 
 def test_stride_with_same_padding_halves_the_map() -> None:

@@ -52,11 +52,15 @@ class AugmentedImages(Dataset):
         return torch.from_numpy(image), int(self.y[i])
 
 
-def augmented_loader(x: np.ndarray, y: np.ndarray, compose: object, batch_size: int, seed: int,
-                     num_workers: int) -> DataLoader:
+def augmented_loader(
+    x: np.ndarray, y: np.ndarray, compose: object, batch_size: int, seed: int, num_workers: int
+) -> DataLoader:
     """A DataLoader of augmented uint8 batches; normalization happens on the device."""
     return DataLoader(
-        AugmentedImages(x, y, compose, seed), batch_size=batch_size,
-        sampler=EpochSampler(len(y), seed), num_workers=num_workers,
-        persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
+        AugmentedImages(x, y, compose, seed),
+        batch_size=batch_size,
+        sampler=EpochSampler(len(y), seed),
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
     )

@@ -24,8 +24,17 @@ class TensorBatches:
     `world_size > 1` each rank takes its own interleaved shard of the permutation.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False) -> None:
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ) -> None:
         self.x, self.y = x, y
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
@@ -63,9 +72,16 @@ def fits(x: torch.Tensor, device: torch.device) -> bool:
 class ImageData(L.LightningDataModule):
     """Serves the prepared splits; `resident` puts them on the training device once."""
 
-    def __init__(self, prepared: Prepared, batch_size: int, seed: int, eval_batch_size: int = 512,
-                 resident: bool = True, augment: Augment | None = None,
-                 num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        prepared: Prepared,
+        batch_size: int,
+        seed: int,
+        eval_batch_size: int = 512,
+        resident: bool = True,
+        augment: Augment | None = None,
+        num_workers: int = 0,
+    ) -> None:
         super().__init__()
         self.prepared = prepared
         self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
@@ -91,8 +107,15 @@ class ImageData(L.LightningDataModule):
         if self.augment is not None and self.augment.transforms:
             return self._augmented()
         rank, world = self._rank()
-        return TensorBatches(*self._split("train"), self.batch_size, shuffle=True, seed=self.seed,
-                             rank=rank, world_size=world, drop_last=world > 1)
+        return TensorBatches(
+            *self._split("train"),
+            self.batch_size,
+            shuffle=True,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+            drop_last=world > 1,
+        )
 
     def _augmented(self) -> DataLoader:
         from cnnops.augment import build_transforms
@@ -105,8 +128,9 @@ class ImageData(L.LightningDataModule):
 
     def val_dataloader(self) -> TensorBatches:
         rank, world = self._rank()
-        return TensorBatches(*self._split("val"), self.eval_batch_size, shuffle=False,
-                             rank=rank, world_size=world)
+        return TensorBatches(
+            *self._split("val"), self.eval_batch_size, shuffle=False, rank=rank, world_size=world
+        )
 
     def test_dataloader(self) -> TensorBatches:
         return TensorBatches(*self._split("test"), self.eval_batch_size, shuffle=False)

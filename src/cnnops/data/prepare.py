@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -52,7 +52,9 @@ def resize(x: np.ndarray, size: int) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
-    t = F.interpolate(torch.from_numpy(x).float(), size=(size, size), mode="bilinear", antialias=True)
+    t = F.interpolate(
+        torch.from_numpy(x).float(), size=(size, size), mode="bilinear", antialias=True
+    )
     return t.round().clamp(0, 255).to(torch.uint8).numpy()
 
 
@@ -72,7 +74,9 @@ def split(config: Config, raw: Path) -> Prepared:
         xs = {k: resize(v, p.image_size) for k, v in xs.items()}
     for name in SPLITS:
         if len(ys[name]) == 0:
-            raise DataError(f"prepare: the {name} split is empty; adjust prepare.val_fraction/test_fraction")
+            raise DataError(
+                f"prepare: the {name} split is empty; adjust prepare.val_fraction/test_fraction"
+            )
     pixels = xs["train"].astype(np.float64) / 255.0
     mean = pixels.mean(axis=(0, 2, 3)).tolist()
     std = np.maximum(pixels.std(axis=(0, 2, 3)), 1e-6).tolist()
@@ -84,8 +88,12 @@ def save(prepared: Prepared, out: Path) -> None:
         for name in SPLITS:
             np.save(tmp / f"{name}_x.npy", np.ascontiguousarray(prepared.x[name]))
             np.save(tmp / f"{name}_y.npy", prepared.y[name])
-        meta = {"classes": prepared.classes, "mean": prepared.mean, "std": prepared.std,
-                "shape": list(prepared.shape)}
+        meta = {
+            "classes": prepared.classes,
+            "mean": prepared.mean,
+            "std": prepared.std,
+            "shape": list(prepared.shape),
+        }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -94,12 +102,14 @@ def load(folder: Path, mmap: bool = False) -> Prepared:
     if not meta_path.is_file():
         raise DataError(f"{folder}: prepared data missing; run `cnnops prepare` first")
     meta = json.loads(meta_path.read_text())
-    mode = "r" if mmap else None
+    mode: Literal["r"] | None = "r" if mmap else None
     try:
         xs = {s: np.load(folder / f"{s}_x.npy", mmap_mode=mode) for s in SPLITS}
         ys = {s: np.load(folder / f"{s}_y.npy") for s in SPLITS}
     except (OSError, ValueError) as e:
-        raise DataError(f"{folder}: prepared data unreadable ({e}); rerun `cnnops prepare`") from None
+        raise DataError(
+            f"{folder}: prepared data unreadable ({e}); rerun `cnnops prepare`"
+        ) from None
     return Prepared(xs, ys, meta["classes"], meta["mean"], meta["std"])
 
 
@@ -113,8 +123,13 @@ def summary(prepared: Prepared) -> dict:
         }
         for name in SPLITS
     }
-    return {"shape": list(prepared.shape), "num_classes": len(prepared.classes),
-            "mean": prepared.mean, "std": prepared.std, "splits": counts}
+    return {
+        "shape": list(prepared.shape),
+        "num_classes": len(prepared.classes),
+        "mean": prepared.mean,
+        "std": prepared.std,
+        "splits": counts,
+    }
 
 
 def prepare(config: Config, raw: Path, out: Path, report: Path) -> dict:

@@ -43,10 +43,22 @@ class RemoteFile:
 
 # sha256 of the decompressed IDX files (identical across mirrors however they are compressed).
 MNIST = (
-    RemoteFile("train-images-idx3-ubyte.gz", "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"),
-    RemoteFile("train-labels-idx1-ubyte.gz", "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"),
-    RemoteFile("t10k-images-idx3-ubyte.gz", "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"),
-    RemoteFile("t10k-labels-idx1-ubyte.gz", "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
+    RemoteFile(
+        "train-images-idx3-ubyte.gz",
+        "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    ),
+    RemoteFile(
+        "train-labels-idx1-ubyte.gz",
+        "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    ),
+    RemoteFile(
+        "t10k-images-idx3-ubyte.gz",
+        "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    ),
+    RemoteFile(
+        "t10k-labels-idx1-ubyte.gz",
+        "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+    ),
 )
 # Fashion-MNIST publishes md5s of its .gz files only, so a mirror must serve those exact files.
 FASHION_MNIST = (
@@ -75,10 +87,30 @@ FILES = {"mnist": MNIST, "fashion-mnist": FASHION_MNIST, "cifar10": CIFAR10}
 CLASSES = {
     "digits": [str(i) for i in range(10)],
     "mnist": [str(i) for i in range(10)],
-    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
-    "cifar10": ["airplane", "automobile", "bird", "cat", "deer",
-                "dog", "frog", "horse", "ship", "truck"],
+    "fashion-mnist": [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ],
+    "cifar10": [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ],
 }
 NATIVE_SIZE = {"digits": 8, "mnist": 28, "fashion-mnist": 28, "cifar10": 32}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -190,14 +222,18 @@ def _extract_cifar(archive: bytes, origin: str, out: Path) -> None:
 
 def _fetch_imagefolder(spec: Fetch, out: Path) -> None:
     if not spec.url:
-        raise DataError("fetch.url: required for fetch.source: imagefolder (a folder or archive URL)")
+        raise DataError(
+            "fetch.url: required for fetch.source: imagefolder (a folder or archive URL)"
+        )
     local = Path(spec.url.removeprefix("file://")).expanduser()
     if local.is_dir():
         shutil.copytree(local, out / "images", ignore=shutil.ignore_patterns(".*"))
         return
     blob = local.read_bytes() if local.is_file() else _open_url(spec.url)
     if spec.sha256 and (got := _digest("sha256", blob)) != spec.sha256:
-        raise DataError(f"fetch.url = {spec.url!r}: checksum mismatch: sha256 {got}, expected {spec.sha256}")
+        raise DataError(
+            f"fetch.url = {spec.url!r}: checksum mismatch: sha256 {got}, expected {spec.sha256}"
+        )
     try:
         if zipfile.is_zipfile(io.BytesIO(blob)):
             with zipfile.ZipFile(io.BytesIO(blob)) as z:
@@ -206,7 +242,9 @@ def _fetch_imagefolder(spec: Fetch, out: Path) -> None:
             with tarfile.open(fileobj=io.BytesIO(blob), mode="r:*") as tar:
                 tar.extractall(out / "images", filter="data")
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
-        raise DataError(f"fetch.url = {spec.url!r}: not a readable folder, zip or tar archive ({e})") from None
+        raise DataError(
+            f"fetch.url = {spec.url!r}: not a readable folder, zip or tar archive ({e})"
+        ) from None
 
 
 # --- reading raw files back -------------------------------------------------------------
@@ -233,7 +271,9 @@ def read_idx(path: Path) -> np.ndarray:
     shape = tuple(int.from_bytes(blob[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = header + int(np.prod(shape))
     if len(blob) != expected:
-        raise DataError(f"{path}: truncated or corrupt IDX file: {len(blob)} bytes, header says {expected}")
+        raise DataError(
+            f"{path}: truncated or corrupt IDX file: {len(blob)} bytes, header says {expected}"
+        )
     return np.frombuffer(blob, dtype=np.uint8, offset=header).reshape(shape)
 
 
@@ -263,8 +303,9 @@ def _read_image(path: Path, size: int, grayscale: bool) -> np.ndarray:
 
     try:
         with Image.open(path) as img:
-            img = img.convert("L" if grayscale else "RGB").resize((size, size), Image.BILINEAR)
-            x = np.asarray(img, dtype=np.uint8)
+            mode = "L" if grayscale else "RGB"
+            resized = img.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
+            x = np.asarray(resized, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise DataError(f"{path}: unreadable or truncated image ({e})") from None
     return x[None] if grayscale else x.transpose(2, 0, 1)
@@ -286,8 +327,10 @@ def _detect_grayscale(files: list[Path]) -> bool:
 def _imagefolder(raw: Path, size: int, grayscale: bool | None) -> RawData:
     root = raw / "images"
     # An archive often wraps the class folders in one top folder.
-    while root.is_dir() and len(subdirs := [p for p in root.iterdir() if p.is_dir()]) == 1 and not any(
-        p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir()
+    while (
+        root.is_dir()
+        and len(subdirs := [p for p in root.iterdir() if p.is_dir()]) == 1
+        and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir())
     ):
         root = subdirs[0]
     if not root.is_dir():
@@ -318,7 +361,9 @@ def load_raw(config: Config, raw: Path) -> RawData:
         if not path.is_file():
             raise DataError(f"{path}: missing; run `cnnops fetch` first")
         with np.load(path) as f:
-            return RawData((f["images"][:, None], f["labels"].astype(np.int64)), None, CLASSES[source])
+            return RawData(
+                (f["images"][:, None], f["labels"].astype(np.int64)), None, CLASSES[source]
+            )
     if source in ("mnist", "fashion-mnist"):
         return RawData(_idx_pair(raw, "train"), _idx_pair(raw, "t10k"), CLASSES[source])
     if source == "cifar10":

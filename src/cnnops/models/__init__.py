@@ -33,7 +33,9 @@ def build_model(spec: Model, in_channels: int, num_classes: int, image_size: int
     """Build `spec.name` for square images of `in_channels` channels; the model returns logits."""
     _load_builtins()
     if spec.name not in _REGISTRY:
-        raise ConfigError(f"model.name = {spec.name!r}: unknown model; choose one of {model_names()}")
+        raise ConfigError(
+            f"model.name = {spec.name!r}: unknown model; choose one of {model_names()}"
+        )
     return _REGISTRY[spec.name](spec, in_channels, num_classes, image_size)
 
 

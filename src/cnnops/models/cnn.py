@@ -77,7 +77,9 @@ def conv_layers(spec: Model, i: int, in_channels: int) -> list[nn.Module]:
     if block.padding == "same" and block.stride > 1:
         pad = block.kernel // 2
     layers: list[nn.Module] = [
-        nn.Conv2d(in_channels, block.filters, block.kernel, block.stride, pad, bias=not spec.batch_norm)
+        nn.Conv2d(
+            in_channels, block.filters, block.kernel, block.stride, pad, bias=not spec.batch_norm
+        )
     ]
     if spec.batch_norm:
         layers.append(nn.BatchNorm2d(block.filters))
