@@ -293,8 +293,9 @@ def cnnops_train(config: Config, data: Prepared, args, device) -> dict:
     return summary
 
 
-def end_to_end(mirror: str, args) -> float:
-    """`cnnops train` as a process: start to checkpoint written (data already prepared)."""
+def end_to_end(mirror: str, args) -> dict[str, float]:
+    """`cnnops train` as a process, start to exit (data already prepared), run twice: the first
+    run also creates the MLflow store; the second is what a user meets from then on."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"}
     mirror = str(Path(mirror).resolve())
     overrides = [
@@ -311,9 +312,16 @@ def end_to_end(mirror: str, args) -> float:
         params.write_text((ROOT / "pipelines" / "mnist" / "params.yaml").read_text())
         for stage in ("fetch", "prepare"):
             subprocess.run([*cmd, stage, *sets], cwd=tmp, env=env, check=True, capture_output=True)
-        start = time.perf_counter()
-        subprocess.run([*cmd, "train", *sets], cwd=tmp, env=env, check=True, capture_output=True)
-        return round(time.perf_counter() - start, 2)
+        times = {}
+        for run in ("first", "second"):
+            start = time.perf_counter()
+            subprocess.run(
+                [*cmd, "train", *sets], cwd=tmp, env=env, check=True, capture_output=True
+            )
+            times[f"{run}_s"] = round(time.perf_counter() - start, 2)
+            report = json.loads((Path(tmp) / "reports" / "train.json").read_text())
+            times[f"{run}_fit_s"] = report["train_seconds"]
+        return times
 
 
 def main() -> None:
@@ -330,7 +338,7 @@ def main() -> None:
     )
     parser.add_argument("--workers", type=int, default=min(15, (os.cpu_count() or 2) - 1))
     parser.add_argument("--compile", action="store_true", help="torch.compile in the cnnops run")
-    parser.add_argument("--only", nargs="*", default=["raw", "typical", "cnnops", "e2e"])
+    parser.add_argument("--only", nargs="*", default=["raw", "typical", "cnnops", "e2e", "startup"])
     parser.add_argument("--e2e-epochs", type=int, default=5)
     parser.add_argument(
         "--no-cudnn-benchmark",
@@ -365,8 +373,13 @@ def main() -> None:
         results[name] = runners[name](config, data, args, device)
         print(json.dumps(results[name]), flush=True)
     if "e2e" in args.only:
-        results["e2e_train_s"] = end_to_end(args.mirror, args)
-        print(f"cnnops train end to end: {results['e2e_train_s']} s", flush=True)
+        results["e2e"] = end_to_end(args.mirror, args)
+        print(f"cnnops train end to end: {json.dumps(results['e2e'])}", flush=True)
+    if "startup" in args.only:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "cnnops", "--help"], check=True, capture_output=True)
+        results["help_s"] = round(time.perf_counter() - start, 3)
+        print(f"cnnops --help: {results['help_s']} s")
     if "raw" in results and "cnnops" in results:
         ratio = results["cnnops"]["images_per_s"] / results["raw"]["images_per_s"]
         print(f"cnnops / raw throughput: {ratio:.2f}x")
