@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import optuna
@@ -101,3 +102,12 @@ def test_study_lock_excludes_other_holders(tmp_path: Path) -> None:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     with (tmp_path / "s.lock").open("a") as f:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again
+
+
+def test_workers_are_spread_over_the_visible_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    tune.pin_gpu(4)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    tune.pin_gpu(4)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"  # one GPU: every worker shares it

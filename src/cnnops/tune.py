@@ -278,7 +278,9 @@ def run_worker(job: Job, on_trial: Callable[[optuna.Study], None] | None = None)
     from cnnops.data import prepare
 
     quiet()
-    if job.workers > 1:  # share the CPU cores instead of oversubscribing them
+    if job.workers > 1:
+        pin_gpu(job.worker)
+        # share the CPU cores instead of oversubscribing them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.workers))
     study = open_study(job)
     prepared = prepare.load(job.config.paths.prepared)
@@ -317,6 +319,19 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message=".*(on_after_batch_transfer|LeafSpec).*")
     if sys.stdout.isatty():  # the progress bar says it all
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def pin_gpu(worker: int) -> None:
+    """On a host with several GPUs, worker i gets GPU i mod n; with one, all workers share it."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        import torch
+
+        # Counted through NVML when possible, so CUDA stays uninitialized in this process.
+        visible = ",".join(str(i) for i in range(torch.cuda.device_count()))
+    gpus = [g for g in visible.split(",") if g.strip()]
+    if len(gpus) > 1:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[worker % len(gpus)]
 
 
 def run_workers(job: Job, workers: int, on_poll: Callable[[], None]) -> None:
