@@ -93,3 +93,14 @@ def test_train_stage_records_the_run_in_mlflow(workdir: Path, digits: prepare.Pr
     curves = (workdir / "reports/train_curves.csv").read_text().splitlines()
     assert curves[0].startswith("epoch,train_loss,train_acc,val_loss,val_acc")
     assert len(curves) == 1 + metrics["epochs_run"]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle", "step"])
+def test_learning_rate_follows_the_schedule(
+    workdir: Path, digits: prepare.Prepared, schedule: str
+) -> None:
+    config = tiny(workdir, f"train.scheduler.name={schedule}", "train.scheduler.step_size=1")
+    lrs = [row["lr"] for row in train(config, digits, workdir / "ckpt").curves]
+    assert len(set(lrs)) == 3  # a new rate every epoch
+    if schedule != "onecycle":
+        assert lrs == sorted(lrs, reverse=True)
