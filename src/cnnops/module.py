@@ -39,7 +39,6 @@ class Classifier(L.LightningModule):
         self.register_buffer("scale", 1 / (255 * std_t), persistent=False)
         self.register_buffer("shift", -mean_t / std_t, persistent=False)
         self.gpu_augment: torch.nn.Module | None = None
-        self.automatic_optimization = False
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
 
@@ -109,24 +108,7 @@ class Classifier(L.LightningModule):
         loss = self._step(batch, "train")
         if self.train_spec.l1 > 0:
             loss = loss + self.train_spec.l1 * self.l1_penalty()
-        # Manual optimization: one backward and one step, without the closure machinery that
-        # automatic optimization runs around every step (small networks are launch-bound).
-        optimizer = self.optimizers()
-        optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
-        self.manual_backward(loss)
-        optimizer.step()  # type: ignore[union-attr]
-        if self._per_step_schedule:
-            self.lr_schedulers().step()  # type: ignore[union-attr]
-        return loss.detach()
-
-    def on_train_epoch_end(self) -> None:
-        scheduler = self.lr_schedulers()
-        if scheduler is not None and not self._per_step_schedule:
-            scheduler.step()  # type: ignore[union-attr]
-
-    @property
-    def _per_step_schedule(self) -> bool:
-        return self.train_spec.scheduler.name == "onecycle"
+        return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
