@@ -96,7 +96,13 @@ def test_tune_writes_outputs_and_one_mlflow_child_per_trial(digits: Path) -> Non
 
 
 def test_sigkilled_tune_resumes_to_exactly_n_trials_without_running_leftovers(digits: Path) -> None:
-    overrides = ("tune.n_trials=3", "train.max_epochs=3", "tune.pruner.name=none")
+    # Trials long enough (20 full epochs) for the kill to land inside one.
+    overrides = (
+        "tune.n_trials=3",
+        "train.max_epochs=20",
+        "train.early_stopping.enabled=false",
+        "tune.pruner.name=none",
+    )
     proc = subprocess.Popen(
         [str(BIN / "cnnops"), "tune", *sets(*overrides)],
         cwd=digits,
@@ -106,10 +112,14 @@ def test_sigkilled_tune_resumes_to_exactly_n_trials_without_running_leftovers(di
     journal = digits / "models" / "optuna" / "studies.journal"
     deadline = time.time() + 300
     while time.time() < deadline:  # kill it while its second trial runs
-        time.sleep(1)
+        time.sleep(0.2)
         if journal.is_file():
-            s = states(open_study(digits, *overrides))
-            if s.get("COMPLETE", 0) >= 1 and s.get("RUNNING", 0) == 1:
+            study = open_study(digits, *overrides)
+            running = [t for t in study.trials if t.state.name == "RUNNING"]
+            # Mid-trial: its MLflow run exists (not in the instant between ask and run start).
+            if states(study).get("COMPLETE", 0) >= 1 and any(
+                "mlflow_run_id" in t.user_attrs for t in running
+            ):
                 break
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
