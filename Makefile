@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 repro: install ## Run the default pipeline (dvc repro) and print its metrics
 	dvc repro
 	@echo
-	dvc metrics show
+	@for m in train tune/tune eval promotion; do dvc metrics show reports/$$m.json; echo; done
 	@echo
 	@echo "Browse the runs:  $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db  (then open http://127.0.0.1:5000)"
 
