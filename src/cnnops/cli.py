@@ -98,9 +98,11 @@ def prepare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> Non
 @clear_errors
 def train(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Train the CNN; checkpoints to paths.models/train, metrics to reports/train.json."""
-    from cnnops.train import train_stage
+    from cnnops.train import rank_zero, train_stage
 
-    _print(train_stage(_config(params, set_)))
+    metrics = train_stage(_config(params, set_))
+    if rank_zero():  # under DDP every rank runs this command; one answer is enough
+        _print(metrics)
 
 
 NOpt = Annotated[int, typer.Option("--n", min=1, max=64, help="Training images, one per row.")]
