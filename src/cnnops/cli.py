@@ -47,14 +47,7 @@ def clear_errors(fn: F) -> F:
 
 
 def _config(params: Path, overrides: list[str] | None) -> Any:
-    import logging
-    import warnings
-
     from cnnops.config import load_config
-
-    # Lightning's start-up banners and tips drown the stage's own output in DVC logs.
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*(on_after_batch_transfer|LeafSpec).*")
 
     return load_config(params, overrides)
 

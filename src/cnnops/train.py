@@ -201,6 +201,16 @@ def load_classifier(path: Path, map_location: str | torch.device = "cpu") -> Cla
     return Classifier.load_from_checkpoint(path, map_location=map_location, weights_only=True)
 
 
+def quiet_lightning() -> None:
+    """Keep Lightning's start-up banners and tips out of a stage's output (and DVC's logs)."""
+    import logging
+    import warnings
+
+    # Lightning sets its own log level when imported; this module has imported it already.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*(on_after_batch_transfer|LeafSpec).*")
+
+
 def rank_zero() -> bool:
     """True in the process that owns outputs: the only one, or rank 0 of a DDP launch."""
     return all(int(os.environ.get(k, 0)) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
@@ -212,6 +222,7 @@ def train_stage(config: Config) -> dict[str, Any]:
     from cnnops.config import flatten
     from cnnops.data import prepare
 
+    quiet_lightning()
     paths = config.paths
     prepared = prepare.load(paths.prepared)
     if not rank_zero():  # DDP re-launches this command per rank; only rank 0 records anything

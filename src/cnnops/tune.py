@@ -9,7 +9,6 @@ stage is interrupted and rerun.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import sys
@@ -311,12 +310,12 @@ def _log(study: optuna.Study, number: int, job: Job) -> None:
 def quiet() -> None:
     import warnings
 
-    import lightning  # noqa: F401  # it sets its log level on import; ours must come after
     import optuna
 
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    from cnnops.train import quiet_lightning
+
+    quiet_lightning()
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    warnings.filterwarnings("ignore", message=".*(on_after_batch_transfer|LeafSpec).*")
     if sys.stdout.isatty():  # the progress bar says it all
         optuna.logging.set_verbosity(optuna.logging.WARNING)
 

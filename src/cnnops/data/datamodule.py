@@ -70,7 +70,7 @@ def fits(x: torch.Tensor, device: torch.device) -> bool:
 
 
 class ImageData(L.LightningDataModule):
-    """Serves the prepared splits; `resident` puts them on the training device once."""
+    """Serves the prepared splits, put on the training device once when they fit there."""
 
     def __init__(
         self,
@@ -78,14 +78,13 @@ class ImageData(L.LightningDataModule):
         batch_size: int,
         seed: int,
         eval_batch_size: int = 512,
-        resident: bool = True,
         augment: Augment | None = None,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
         self.prepared = prepared
         self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
-        self.resident, self.augment, self.num_workers = resident, augment, num_workers
+        self.augment, self.num_workers = augment, num_workers
         self._tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +92,7 @@ class ImageData(L.LightningDataModule):
             x = torch.from_numpy(self.prepared.x[name].copy())
             y = torch.from_numpy(self.prepared.y[name])
             device = self.trainer.strategy.root_device if self.trainer is not None else None
-            if self.resident and device is not None and fits(x, device):
+            if device is not None and fits(x, device):
                 x, y = x.to(device), y.to(device)
             self._tensors[name] = (x, y)
         return self._tensors[name]
