@@ -64,4 +64,105 @@ def test_the_fast_path_keeps_the_data_on_the_gpu(mnist, tmp_path: Path) -> None:
 
     config = load_config(ROOT / "pipelines/mnist/params.yaml", ["train.max_epochs=1", TRANSLATE])
     train(config, mnist, tmp_path, callbacks=[Spy()])
+    # uint8 on the device: the captured step augments and normalizes inside its graph.
+    assert seen == {"device": "cuda", "dtype": torch.uint8, "augment": True}
+    eager = load_config(
+        ROOT / "pipelines/mnist/params.yaml",
+        ["train.max_epochs=1", "train.cuda_graphs=false", TRANSLATE],
+    )
+    train(eager, mnist, tmp_path / "eager", callbacks=[Spy()])
     assert seen == {"device": "cuda", "dtype": torch.float32, "augment": True}
+
+
+def subset(data: prepare.Prepared, n: int) -> prepare.Prepared:
+    x = {**data.x, "train": data.x["train"][:n], "val": data.x["val"][:1000]}
+    y = {**data.y, "train": data.y["train"][:n], "val": data.y["val"][:1000]}
+    return prepare.Prepared(x, y, data.classes, data.mean, data.std)
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
+def test_captured_steps_train_as_eager_steps_do(mnist, tmp_path: Path, schedule: str) -> None:
+    # No randomness inside the step (no dropout, noise or augmentation) and deterministic
+    # kernels: replaying the graph must give the eager run's weights, step for step, including
+    # the eager partial last batch (2100 = 8 x 256 + 52) and the learning-rate schedule.
+    data = subset(mnist, 2100)
+    common = [
+        "train.max_epochs=3",
+        "train.batch_size=256",
+        "train.deterministic=true",
+        "train.early_stopping.enabled=false",
+        "model.dropout_fc=0.0",
+        f"train.scheduler.name={schedule}",
+    ]
+    from lightning.pytorch.callbacks import Callback
+
+    class Spy(Callback):
+        def on_train_end(self, trainer, module) -> None:
+            captured = module.captured
+            seen[graphs] = None if captured is None else (captured.captured, captured.recaptures)
+
+    seen: dict[str, tuple[bool, int] | None] = {}
+    params = ROOT / "pipelines/mnist/params.yaml"
+    runs = {}
+    for graphs in ("false", "true"):
+        config = load_config(params, [*common, f"train.cuda_graphs={graphs}"])
+        result = train(config, data, tmp_path / graphs, callbacks=[Spy()])
+        state = torch.load(result.last_checkpoint, weights_only=True)
+        runs[graphs] = (result, state)
+    assert seen == {"false": None, "true": (True, 0)}  # validation keeps the graph's gradients
+    (eager, eager_state), (graphed, graphed_state) = runs["false"], runs["true"]
+    assert graphed_state["global_step"] == eager_state["global_step"] == 3 * 9
+    for key, value in eager_state["state_dict"].items():
+        torch.testing.assert_close(graphed_state["state_dict"][key], value, rtol=1e-4, atol=1e-5)
+    for a, b in zip(eager.curves, graphed.curves, strict=True):
+        assert a["lr"] == pytest.approx(b["lr"])
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["val_acc"] == b["val_acc"]
+
+
+def test_graphed_training_keeps_the_eager_accuracy(mnist, tmp_path: Path) -> None:
+    common = [
+        "train.max_epochs=4",
+        "train.batch_size=512",
+        "train.precision=bf16-mixed",
+        "train.early_stopping.enabled=false",
+        TRANSLATE,
+    ]
+    params = ROOT / "pipelines/mnist/params.yaml"
+    graphed = accuracy(load_config(params, common), mnist, tmp_path / "graphed")
+    eager = accuracy(
+        load_config(params, [*common, "train.cuda_graphs=false"]), mnist, tmp_path / "eager"
+    )
+    print(f"graphed {graphed:.4f}, eager {eager:.4f}")
+    assert graphed >= 0.99 and abs(graphed - eager) <= 0.002
+
+
+def test_a_captured_step_recaptures_when_its_gradients_are_released() -> None:
+    from cnnops.graphs import CapturedStep
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8, device="cuda"), torch.randint(0, 3, (64,), device="cuda")
+    models = [torch.nn.Linear(8, 3).cuda() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+
+    def step(model: torch.nn.Module):
+        def fn(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+            loss = torch.nn.functional.cross_entropy(model(xb), yb)
+            loss.backward()
+            return loss.detach()
+
+        return fn
+
+    captured = CapturedStep(step(models[1]), models[1], warmup=2)
+    for i in range(8):
+        if i == 5:
+            optimizers[1].zero_grad(set_to_none=True)  # what Lightning does before validating
+        optimizers[0].zero_grad(set_to_none=True)
+        step(models[0])(x, y)
+        optimizers[0].step()
+        captured(x, y)
+        optimizers[1].step()
+        for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+            torch.testing.assert_close(a, b)
+    assert captured.captured and captured.recaptures == 1

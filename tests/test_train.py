@@ -104,3 +104,14 @@ def test_learning_rate_follows_the_schedule(
     assert len(set(lrs)) == 3  # a new rate every epoch
     if schedule != "onecycle":
         assert lrs == sorted(lrs, reverse=True)
+
+
+def test_cuda_graphs_true_without_a_cuda_device_names_the_key(
+    workdir: Path, digits: prepare.Prepared
+) -> None:
+    from cnnops.errors import ConfigError
+
+    config = tiny(workdir, "train.accelerator=cpu", "train.cuda_graphs=true")
+    with pytest.raises(ConfigError, match=r"train\.cuda_graphs = true: .*CUDA device"):
+        train(config, digits, workdir / "ckpt")
+    assert not (workdir / "ckpt").exists()

@@ -53,6 +53,10 @@ class BatchAugment(nn.Module):
             self._generator = torch.Generator(device=device).manual_seed(self.seed)
         return self._generator
 
+    def generators(self) -> list[torch.Generator]:
+        """The generators drawn from so far (a CUDA graph capturing this module registers them)."""
+        return [] if self._generator is None else [self._generator]
+
     @torch.autocast("cuda", enabled=False)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self._rng(x.device)

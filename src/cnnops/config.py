@@ -128,9 +128,12 @@ class Train(Section):
     deterministic: bool = False
     num_workers: Annotated[int, Field(ge=0, le=64)] = 0
     compile: bool = False
+    """torch.compile the network (pays off on GPU for long runs; warm-up takes seconds)."""
+    cuda_graphs: bool | Literal["auto"] = "auto"
+    """Replay each training step's forward and backward pass from a CUDA graph. auto: on for one
+    CUDA device without torch.compile or 16-mixed precision; true insists (an error elsewhere)."""
     channels_last: bool = True
     """NHWC memory format for convolutions on CUDA (tensor-core friendly)."""
-    """torch.compile the network (pays off on GPU for long runs; warm-up takes seconds)."""
     label_smoothing: Fraction = 0.0
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnops.config import Model, Train
+from cnnops.graphs import CapturedStep
 from cnnops.models import build_model
 
 
@@ -39,8 +40,20 @@ class Classifier(L.LightningModule):
         self.register_buffer("scale", 1 / (255 * std_t), persistent=False)
         self.register_buffer("shift", -mean_t / std_t, persistent=False)
         self.gpu_augment: torch.nn.Module | None = None
+        self.captured: CapturedStep | None = None
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
+
+    def capture_train_step(self) -> None:
+        """Train with the forward and backward pass replayed from a CUDA graph (see
+        `cnnops.graphs`). Optimization turns manual: `training_step` drives the optimizer."""
+        augment = self.gpu_augment
+        self.captured = CapturedStep(
+            self._forward_backward,
+            self,
+            generators=getattr(augment, "generators", tuple),
+        )
+        self.automatic_optimization = False
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 pixels → standardized floats; float input is taken as already standardized."""
@@ -60,35 +73,48 @@ class Classifier(L.LightningModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         x, y = batch
-        if self.trainer.training and self.gpu_augment is not None and x.dtype == torch.uint8:
+        if self.trainer.training and self.captured is not None:
+            return x, y  # the captured step augments and normalizes
+        return self.prepare_input(x, train=self.trainer.training), y
+
+    def prepare_input(self, x: torch.Tensor, train: bool) -> torch.Tensor:
+        """A batch as the network takes it: augmented (training, batched engine), normalized,
+        channels_last on CUDA."""
+        if train and self.gpu_augment is not None and x.dtype == torch.uint8:
             x = self.standardize(self.gpu_augment(x))
         x = self.normalize(x)
         if x.is_cuda and self.train_spec.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return x, y
+        return x
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
-        x, y = batch
+    def _step(self, x: torch.Tensor, y: torch.Tensor, stage: str) -> torch.Tensor:
         logits = self.net(x)
         smoothing = self.train_spec.label_smoothing if stage == "train" else 0.0
         loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
-        # Sums stay on the device and are read once per epoch: no GPU sync per step.
+        # Sums stay on the device, added in place, and are read once per epoch: no GPU sync per
+        # step, and a captured step keeps adding into the same tensor.
         stats = torch.stack([loss.detach().float() * len(y), (logits.argmax(1) == y).sum().float()])
-        previous = self._sums.get(stage)
-        self._sums[stage] = stats if previous is None else previous + stats
-        self._counts[stage] = self._counts.get(stage, 0) + len(y)  # known on the host: no copy
+        sums = self._sums.get(stage)
+        if sums is None:
+            self._sums[stage] = sums = torch.zeros_like(stats)
+        sums.add_(stats)
         return loss
+
+    def _count(self, stage: str, n: int) -> None:
+        self._counts[stage] = self._counts.get(stage, 0) + n  # known on the host: no copy
 
     def epoch_metrics(self, stage: str) -> dict[str, float]:
         """Mean loss and accuracy of `stage` since the last call, over all ranks."""
-        sums, count = self._sums.pop(stage, None), self._counts.pop(stage, 0)
-        if sums is None:
+        sums, count = self._sums.get(stage), self._counts.pop(stage, 0)
+        if sums is None or count == 0:
             return {}
+        total = sums
         if self.trainer.world_size > 1:
-            sums = torch.cat([sums, sums.new_tensor([count])])
-            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
-            count = int(sums[2].item())
-        loss, correct = sums[:2].tolist()
+            total = torch.cat([sums, sums.new_tensor([count])])
+            total = self.trainer.strategy.reduce(total, reduce_op="sum")
+            count = int(total[2].item())
+        loss, correct = total[:2].tolist()
+        sums.zero_()
         return {f"{stage}_loss": loss / count, f"{stage}_acc": correct / count}
 
     def on_validation_epoch_end(self) -> None:
@@ -102,19 +128,60 @@ class Classifier(L.LightningModule):
         weights = [p for n, p in self.net.named_parameters() if p.ndim > 1]
         return torch.stack([w.abs().sum() for w in weights]).sum()
 
-    def training_step(
-        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
-    ) -> torch.Tensor:
-        loss = self._step(batch, "train")
+    def _train_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = self._step(x, y, "train")
         if self.train_spec.l1 > 0:
             loss = loss + self.train_spec.l1 * self.l1_penalty()
         return loss
 
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor | None:
+        x, y = batch
+        self._count("train", len(y))
+        if self.captured is None:
+            return self._train_loss(x, y)
+        captured = self.captured
+        optimizer = self.optimizers()
+        assert not isinstance(optimizer, list)
+        optimizer.step(closure=lambda: captured(x, y))
+        # Manual optimization steps the schedule itself, where Lightning would: after each
+        # step, or after an epoch's last one (before the epoch-end hooks read the rate).
+        for config in self.trainer.lr_scheduler_configs:
+            if config.interval == "step" or self.trainer.is_last_batch:
+                config.scheduler.step()  # type: ignore[call-arg]
+        return None
+
+    def on_validation_model_zero_grad(self) -> None:
+        # Lightning frees the gradients before validating; a captured step owns its gradient
+        # tensors (the graph writes them), so they stay, zeroed.
+        if self.captured is None:
+            super().on_validation_model_zero_grad()
+        else:
+            self.zero_grad(set_to_none=False)
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The captured part of a training step: uint8 batch in, gradients and loss out."""
+        # Capture needs autocast's weight-cast cache off; keep whatever precision is in force.
+        with torch.autocast(
+            "cuda",
+            dtype=torch.get_autocast_dtype("cuda"),
+            enabled=torch.is_autocast_enabled("cuda"),
+            cache_enabled=False,
+        ):
+            loss = self._train_loss(self.prepare_input(x, train=True), y)
+        loss.backward()
+        return loss.detach()
+
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
+        x, y = batch
+        self._count("val", len(y))
+        self._step(x, y, "val")
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
+        x, y = batch
+        self._count("test", len(y))
+        self._step(x, y, "test")
 
     def configure_optimizers(self) -> Any:
         opt, sched = self.train_spec.optimizer, self.train_spec.scheduler

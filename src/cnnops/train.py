@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
-from cnnops.config import Config
+from cnnops.config import Config, Train
 from cnnops.data.datamodule import ImageData
 from cnnops.data.prepare import Prepared
 from cnnops.errors import ConfigError, DataError
@@ -90,6 +90,26 @@ def batched_engine(config: Config, prepared: Prepared) -> torch.nn.Module | None
     return BatchAugment(resolved, seed=config.train.seed)
 
 
+def use_cuda_graphs(t: Train, trainer: L.Trainer) -> bool:
+    """Whether `train.cuda_graphs` (auto or true) applies to this trainer; true where it cannot
+    is a ConfigError naming the reason."""
+    if t.cuda_graphs is False:
+        return False
+    if trainer.strategy.root_device.type != "cuda":
+        why = "training does not run on a CUDA device"
+    elif trainer.world_size > 1:
+        why = "DDP runs eagerly"
+    elif t.compile:
+        why = "train.compile = true brings its own graphs"
+    elif t.precision == "16-mixed":
+        why = "16-mixed scales the loss outside the graph; use bf16-mixed"
+    else:
+        return True
+    if t.cuda_graphs is True:
+        raise ConfigError(f"train.cuda_graphs = true: {why}; use auto or false")
+    return False
+
+
 def best_row(rows: list[dict[str, float]], monitor: str) -> dict[str, float]:
     scored = [r for r in rows if monitor in r]
     if not scored:
@@ -107,8 +127,6 @@ def train(
 ) -> TrainResult:
     """Train `config.model` on `prepared`; checkpoints (best and last) land in `out_dir`."""
     t = config.train
-    if rank_zero():  # stale checkpoints from an earlier run must not pass for this run's best
-        shutil.rmtree(out_dir, ignore_errors=True)
     L.seed_everything(t.seed, workers=True, verbose=False)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
@@ -150,12 +168,17 @@ def train(
         # cuDNN autotuning costs seconds of warm-up that small networks never earn back.
         benchmark=False,
     )
+    graphs = use_cuda_graphs(t, trainer)  # a setting that cannot apply fails before any output goes
+    if rank_zero():  # stale checkpoints from an earlier run must not pass for this run's best
+        shutil.rmtree(out_dir, ignore_errors=True)
     module = build_module(config, prepared)
     if t.channels_last and torch.cuda.is_available() and t.accelerator != "cpu":
         module = module.to(memory_format=torch.channels_last)  # NHWC convolutions on tensor cores
     if t.compile:
         module.net.compile()  # in place: checkpoint keys stay those of the plain module
     module.gpu_augment = batched_engine(config, prepared)
+    if graphs:
+        module.capture_train_step()
     workers_augment = config.augment if module.gpu_augment is None else None
     data = ImageData(
         prepared,
