@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--mirror", required=True)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--trials", type=int, default=50)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument(
         "--set", dest="extra", action="append", default=[], help="more KEY=VALUE overrides"
     )

@@ -111,3 +111,29 @@ def test_workers_are_spread_over_the_visible_gpus(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
     tune.pin_gpu(4)
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"  # one GPU: every worker shares it
+
+
+def test_a_new_study_starts_from_the_configured_values(tmp_path: Path) -> None:
+    base = config(
+        "model.dropout_fc=0.25",
+        "train.optimizer.lr=0.02",
+        "tune.space.lr=[0.0003, 0.01]",
+        f"paths.models={tmp_path}",
+    )
+    expected = tune.baseline(base)
+    assert expected["dropout_fc"] == 0.25 and expected["batch_norm"] == base.model.batch_norm
+    assert "lr" not in expected  # 0.02 lies outside its range: the sampler draws it instead
+    job = tune.Job(base, "s", str(tmp_path / "studies.journal"))
+    study = tune.open_study(job)
+    first = tune._next_trial(study, job)
+    assert isinstance(first, optuna.Trial)
+    params = tune.sample(first, base)
+    assert {k: params[k] for k in expected} == expected and 3e-4 <= params["lr"] <= 1e-2
+    assert first.user_attrs == {studies.OWNER_KEY: studies.owner(), tune.BASELINE_KEY: True}
+    study.tell(first, 0.5)
+    second = tune._next_trial(study, job)  # only a study's very first trial is the baseline
+    assert isinstance(second, optuna.Trial) and tune.BASELINE_KEY not in second.user_attrs
+    off = tune.Job(
+        config("tune.start_from_params=false", f"paths.models={tmp_path}"), "t", job.storage
+    )
+    assert tune.BASELINE_KEY not in tune._next_trial(tune.open_study(off), off).user_attrs

@@ -219,6 +219,9 @@ class Tune(Section):
     study_name: str | None = None
     """Derived from the search space, the trial settings and the data when unset."""
     workers: Annotated[int, Field(ge=1, le=256)] = 1
+    start_from_params: bool = True
+    """A new study's first trial runs the levers' own values from params (those inside their
+    ranges), so the study's best is never worse than the configuration it starts from."""
     space: Space = Space()
 
     @model_validator(mode="after")

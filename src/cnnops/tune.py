@@ -44,6 +44,7 @@ LEVERS = {
 }
 LOG_SCALE = {"weight_decay", "lr"}  # values spanning decades
 POLL_S = 2.0
+BASELINE_KEY = "cnnops.baseline"  # user attribute of the trial that runs params' own values
 
 
 def active_levers(config: Config) -> dict[str, Any]:
@@ -65,6 +66,22 @@ def sample(trial: optuna.Trial, config: Config) -> dict[str, Any]:
         else:
             params[name] = trial.suggest_float(name, *choices, log=name in LOG_SCALE)
     return params
+
+
+def baseline(config: Config) -> dict[str, Any]:
+    """The active levers' values as `config` sets them, where they lie inside their ranges."""
+    data = config.model_dump(mode="json")
+    values: dict[str, Any] = {}
+    for name, choices in active_levers(config).items():
+        value = data
+        for key in LEVERS[name].split("."):
+            value = value[key]
+        inside = (
+            value in choices if isinstance(choices, list) else choices[0] <= value <= choices[1]
+        )
+        if inside:
+            values[name] = value
+    return values
 
 
 def apply(config: Config, params: dict[str, Any]) -> Config:
@@ -242,6 +259,8 @@ def _next_trial(study: optuna.Study, job: Job) -> optuna.Trial | None | bool:
             raise CnnopsError(f"study {job.study}: {c['fail']} trials failed; see the errors above")
         if finished + c["running"] >= n:
             return None  # the last trials are running elsewhere; wait in case a worker dies
+        if job.config.tune.start_from_params and not study.get_trials(deepcopy=False):
+            study.enqueue_trial(baseline(job.config), user_attrs={BASELINE_KEY: True})
         trial = study.ask()
         trial.set_user_attr(studies.OWNER_KEY, studies.owner())
         return trial
