@@ -264,8 +264,8 @@ def cnnops_train(config: Config, data: Prepared, args, device, name: str = "cnno
             super().log_metrics(metrics, step)
             TimedTracker.spent += time.perf_counter() - start
 
-    name, p, params = AUGMENT[0]
-    augment = Augment(transforms=[Transform(name=name, p=p, params=params)], engine="batched")
+    transform, p, params = AUGMENT[0]
+    augment = Augment(transforms=[Transform(name=transform, p=p, params=params)], engine="batched")
     config = config.model_copy(
         update={
             "augment": augment,
