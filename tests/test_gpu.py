@@ -166,3 +166,41 @@ def test_a_captured_step_recaptures_when_its_gradients_are_released() -> None:
         for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
             torch.testing.assert_close(a, b)
     assert captured.captured and captured.recaptures == 1
+
+
+def test_a_step_that_cannot_be_captured_trains_eagerly_or_fails_when_graphs_are_required() -> None:
+    from cnnops.graphs import CapturedStep
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8, device="cuda"), torch.randint(0, 3, (64,), device="cuda")
+    models = [torch.nn.Linear(8, 3).cuda() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+
+    def step(model: torch.nn.Module):
+        def fn(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+            loss = torch.nn.functional.cross_entropy(model(xb), yb)
+            if loss.item() > 0:  # a host sync: not capturable
+                loss.backward()
+            return loss.detach()
+
+        return fn
+
+    from cnnops.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train\.cuda_graphs = true: .*cannot be captured"):
+        required = CapturedStep(step(models[1]), models[1], warmup=1, required=True)
+        for _ in range(2):
+            required(x, y)
+    models[1].load_state_dict(models[0].state_dict())
+    captured = CapturedStep(step(models[1]), models[1], warmup=1)
+    with pytest.warns(UserWarning, match="capture failed, training eagerly"):
+        for _ in range(4):
+            optimizers[0].zero_grad(set_to_none=True)
+            step(models[0])(x, y)
+            optimizers[0].step()
+            captured(x, y)
+            optimizers[1].step()
+            for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+                torch.testing.assert_close(a, b)
+    assert not captured.captured and captured.failed

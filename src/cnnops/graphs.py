@@ -13,9 +13,12 @@ registered with the graph, so every replay draws fresh numbers).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
+
+from cnnops.errors import ConfigError
 
 StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -35,8 +38,12 @@ class CapturedStep:
         module: torch.nn.Module,
         warmup: int = 3,
         generators: Callable[[], Sequence[torch.Generator]] = tuple,
+        required: bool = False,
     ) -> None:
         self.fn, self.module, self.warmup, self.generators = fn, module, warmup, generators
+        self.required = required
+        self.failed: str | None = None
+        """Why capture failed; the step then runs eagerly (unless `required`: then it raises)."""
         self.calls = self.recaptures = 0
         self.grads: list[torch.Tensor | None] = []
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -49,6 +56,9 @@ class CapturedStep:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.calls += 1
+        if self.failed is not None:
+            self._clear_grads()
+            return self.fn(x, y)
         if self.graph is not None and self.static is not None and self.loss is not None:
             sx, sy = self.static
             if x.shape != sx.shape or y.shape != sy.shape:
@@ -82,8 +92,22 @@ class CapturedStep:
         for generator in self.generators():
             graph.register_generator_state(generator)
         # thread_local: a DataLoader's pin-memory thread may call CUDA while this thread captures.
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self.loss = self.fn(*self.static)
+        try:
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self.loss = self.fn(*self.static)
+        except RuntimeError as e:
+            # A step that syncs with the host (.item(), data-dependent shapes) cannot be captured.
+            if self.required:
+                raise ConfigError(
+                    f"train.cuda_graphs = true: the step cannot be captured ({e}); use auto or false"
+                ) from e
+            self.failed = str(e).splitlines()[0]
+            warnings.warn(
+                f"CUDA graph capture failed, training eagerly: {self.failed}", stacklevel=2
+            )
+            self.static = self.loss = None
+            self._clear_grads()
+            return self.fn(x, y)
         self.graph = graph
         self.grads = [p.grad for p in self.module.parameters()]
         graph.replay()  # capturing records the work without running it

@@ -52,6 +52,7 @@ class Classifier(L.LightningModule):
             self._forward_backward,
             self,
             generators=getattr(augment, "generators", tuple),
+            required=self.train_spec.cuda_graphs is True,
         )
         self.automatic_optimization = False
 
