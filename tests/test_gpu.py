@@ -137,70 +137,65 @@ def test_graphed_training_keeps_the_eager_accuracy(mnist, tmp_path: Path) -> Non
     assert graphed >= 0.99 and abs(graphed - eager) <= 0.002
 
 
-def test_a_captured_step_recaptures_when_its_gradients_are_released() -> None:
-    from cnnops.graphs import CapturedStep
+class Twins:
+    """Two identical linear models and SGD optimizers: one stepped eagerly as the reference,
+    the other through a `CapturedStep`; `step()` checks their weights agree after each step."""
 
-    torch.manual_seed(0)
-    x, y = torch.randn(64, 8, device="cuda"), torch.randint(0, 3, (64,), device="cuda")
-    models = [torch.nn.Linear(8, 3).cuda() for _ in range(2)]
-    models[1].load_state_dict(models[0].state_dict())
-    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+    def __init__(self, host_sync: bool = False) -> None:
+        torch.manual_seed(0)
+        self.x = torch.randn(64, 8, device="cuda")
+        self.y = torch.randint(0, 3, (64,), device="cuda")
+        self.models = [torch.nn.Linear(8, 3).cuda() for _ in range(2)]
+        self.models[1].load_state_dict(self.models[0].state_dict())
+        self.optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in self.models]
+        self.host_sync = host_sync
 
-    def step(model: torch.nn.Module):
-        def fn(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    def fn(self, model: torch.nn.Module):
+        def forward_backward(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
             loss = torch.nn.functional.cross_entropy(model(xb), yb)
-            loss.backward()
+            if not self.host_sync or loss.item() > 0:  # .item(): a host sync, not capturable
+                loss.backward()
             return loss.detach()
 
-        return fn
+        return forward_backward
 
-    captured = CapturedStep(step(models[1]), models[1], warmup=2)
-    for i in range(8):
-        if i == 5:
-            optimizers[1].zero_grad(set_to_none=True)  # what Lightning does before validating
+    def captured(self, **options):
+        from cnnops.graphs import CapturedStep
+
+        return CapturedStep(self.fn(self.models[1]), self.models[1], **options)
+
+    def step(self, captured) -> None:
+        reference, optimizers = self.models[0], self.optimizers
         optimizers[0].zero_grad(set_to_none=True)
-        step(models[0])(x, y)
+        self.fn(reference)(self.x, self.y)
         optimizers[0].step()
-        captured(x, y)
+        captured(self.x, self.y)
         optimizers[1].step()
-        for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        for a, b in zip(reference.parameters(), self.models[1].parameters(), strict=True):
             torch.testing.assert_close(a, b)
+
+
+def test_a_captured_step_recaptures_when_its_gradients_are_released() -> None:
+    twins = Twins()
+    captured = twins.captured(warmup=2)
+    for i in range(8):
+        if i == 5:  # what Lightning does before validating
+            twins.optimizers[1].zero_grad(set_to_none=True)
+        twins.step(captured)
     assert captured.captured and captured.recaptures == 1
 
 
 def test_a_step_that_cannot_be_captured_trains_eagerly_or_fails_when_graphs_are_required() -> None:
-    from cnnops.graphs import CapturedStep
-
-    torch.manual_seed(0)
-    x, y = torch.randn(64, 8, device="cuda"), torch.randint(0, 3, (64,), device="cuda")
-    models = [torch.nn.Linear(8, 3).cuda() for _ in range(2)]
-    models[1].load_state_dict(models[0].state_dict())
-    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
-
-    def step(model: torch.nn.Module):
-        def fn(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-            loss = torch.nn.functional.cross_entropy(model(xb), yb)
-            if loss.item() > 0:  # a host sync: not capturable
-                loss.backward()
-            return loss.detach()
-
-        return fn
-
     from cnnops.errors import ConfigError
 
+    twins = Twins(host_sync=True)
+    required = twins.captured(warmup=1, required=True)
     with pytest.raises(ConfigError, match=r"train\.cuda_graphs = true: .*cannot be captured"):
-        required = CapturedStep(step(models[1]), models[1], warmup=1, required=True)
         for _ in range(2):
-            required(x, y)
-    models[1].load_state_dict(models[0].state_dict())
-    captured = CapturedStep(step(models[1]), models[1], warmup=1)
+            required(twins.x, twins.y)
+    twins.models[1].load_state_dict(twins.models[0].state_dict())
+    captured = twins.captured(warmup=1)
     with pytest.warns(UserWarning, match="capture failed, training eagerly"):
         for _ in range(4):
-            optimizers[0].zero_grad(set_to_none=True)
-            step(models[0])(x, y)
-            optimizers[0].step()
-            captured(x, y)
-            optimizers[1].step()
-            for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
-                torch.testing.assert_close(a, b)
+            twins.step(captured)
     assert not captured.captured and captured.failed
