@@ -111,6 +111,7 @@ def test_captured_steps_train_as_eager_steps_do(mnist, tmp_path: Path, schedule:
         runs[graphs] = (result, state)
     assert seen == {"false": None, "true": (True, 0)}  # validation keeps the graph's gradients
     (eager, eager_state), (graphed, graphed_state) = runs["false"], runs["true"]
+    assert (eager.metrics["cuda_graphs"], graphed.metrics["cuda_graphs"]) == (False, True)
     assert graphed_state["global_step"] == eager_state["global_step"] == 3 * 9
     for key, value in eager_state["state_dict"].items():
         torch.testing.assert_close(graphed_state["state_dict"][key], value, rtol=1e-4, atol=1e-5)

@@ -35,6 +35,7 @@ def test_smoke_train_learns_and_writes_best_and_last(
     result = train(tiny(workdir), digits, workdir / "ckpt")
     assert result.best_checkpoint.is_file() and result.last_checkpoint.is_file()
     assert result.metrics["epochs_run"] == len(result.curves) == 3
+    assert result.metrics["cuda_graphs"] is False  # a CPU run: every step eager
     assert result.metrics["best_val_acc"] > 0.8
     model = load_classifier(result.best_checkpoint).eval()
     x = torch.from_numpy(digits.x["val"][:64])

@@ -204,6 +204,8 @@ def train(
         "stopped_early": bool(trainer.should_stop and len(curves.rows) < t.max_epochs),
         "stopped_epoch": len(curves.rows),
         "train_seconds": round(elapsed, 2),
+        # Whether the training steps ran as a captured CUDA graph (train.cuda_graphs).
+        "cuda_graphs": module.captured is not None and module.captured.captured,
     }
     return TrainResult(out_dir / "best.ckpt", out_dir / "last.ckpt", metrics, curves.rows)
 
