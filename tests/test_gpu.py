@@ -98,8 +98,8 @@ def test_captured_steps_train_as_eager_steps_do(mnist, tmp_path: Path, schedule:
 
     class Spy(Callback):
         def on_train_end(self, trainer, module) -> None:
-            captured = module.captured
-            seen[graphs] = None if captured is None else (captured.captured, captured.recaptures)
+            step = module.graph_step
+            seen[graphs] = None if step is None else (step.captured, step.recaptures)
 
     seen: dict[str, tuple[bool, int] | None] = {}
     params = ROOT / "pipelines/mnist/params.yaml"

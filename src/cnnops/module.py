@@ -40,7 +40,7 @@ class Classifier(L.LightningModule):
         self.register_buffer("scale", 1 / (255 * std_t), persistent=False)
         self.register_buffer("shift", -mean_t / std_t, persistent=False)
         self.gpu_augment: torch.nn.Module | None = None
-        self.captured: CapturedStep | None = None
+        self.graph_step: CapturedStep | None = None
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
 
@@ -48,7 +48,7 @@ class Classifier(L.LightningModule):
         """Train with the forward and backward pass replayed from a CUDA graph (see
         `cnnops.graphs`). Optimization turns manual: `training_step` drives the optimizer."""
         augment = self.gpu_augment
-        self.captured = CapturedStep(
+        self.graph_step = CapturedStep(
             self._forward_backward,
             self,
             generators=getattr(augment, "generators", tuple),
@@ -74,7 +74,7 @@ class Classifier(L.LightningModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         x, y = batch
-        if self.trainer.training and self.captured is not None:
+        if self.trainer.training and self.graph_step is not None:
             return x, y  # the captured step augments and normalizes
         return self.prepare_input(x, train=self.trainer.training), y
 
@@ -140,12 +140,12 @@ class Classifier(L.LightningModule):
     ) -> torch.Tensor | None:
         x, y = batch
         self._count("train", len(y))
-        if self.captured is None:
+        if self.graph_step is None:
             return self._train_loss(x, y)
-        captured = self.captured
+        graph_step = self.graph_step
         optimizer = self.optimizers()
         assert not isinstance(optimizer, list)
-        optimizer.step(closure=lambda: captured(x, y))
+        optimizer.step(closure=lambda: graph_step(x, y))
         # Manual optimization steps the schedule itself, where Lightning would: after each
         # step, or after an epoch's last one (before the epoch-end hooks read the rate).
         for config in self.trainer.lr_scheduler_configs:
@@ -156,7 +156,7 @@ class Classifier(L.LightningModule):
     def on_validation_model_zero_grad(self) -> None:
         # Lightning frees the gradients before validating; a captured step owns its gradient
         # tensors (the graph writes them), so they stay, zeroed.
-        if self.captured is None:
+        if self.graph_step is None:
             super().on_validation_model_zero_grad()
         else:
             self.zero_grad(set_to_none=False)

@@ -205,7 +205,7 @@ def train(
         "stopped_epoch": len(curves.rows),
         "train_seconds": round(elapsed, 2),
         # Whether the training steps ran as a captured CUDA graph (train.cuda_graphs).
-        "cuda_graphs": module.captured is not None and module.captured.captured,
+        "cuda_graphs": module.graph_step is not None and module.graph_step.captured,
     }
     return TrainResult(out_dir / "best.ckpt", out_dir / "last.ckpt", metrics, curves.rows)
 
