@@ -97,11 +97,12 @@ class CapturedStep:
                 self.loss = self.fn(*self.static)
         except RuntimeError as e:
             # A step that syncs with the host (.item(), data-dependent shapes) cannot be captured.
+            self.failed = (str(e).splitlines() or [type(e).__name__])[0]
             if self.required:
                 raise ConfigError(
-                    f"train.cuda_graphs = true: the step cannot be captured ({e}); use auto or false"
+                    f"train.cuda_graphs = true: the step cannot be captured ({self.failed}); "
+                    "use auto or false"
                 ) from e
-            self.failed = str(e).splitlines()[0]
             warnings.warn(
                 f"CUDA graph capture failed, training eagerly: {self.failed}", stacklevel=2
             )
