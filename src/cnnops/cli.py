@@ -60,7 +60,7 @@ def _print(data: dict[str, Any]) -> None:
 @clear_errors
 def show_config(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Validate params.yaml (with overrides) and print the resolved config."""
-    from cnnops.train import dump_config
+    from cnnops.config import dump_config
 
     typer.echo(dump_config(_config(params, set_)), nl=False)
 

@@ -292,6 +292,19 @@ def _yaml() -> YAML:
     return YAML(typ="safe", pure=True)
 
 
+def dump_yaml(data: Any) -> str:
+    """`data` as block-style YAML, written by the same ruamel rules that read params."""
+    stream = io.StringIO()
+    yaml = _yaml()
+    yaml.default_flow_style = False
+    yaml.dump(data, stream)
+    return stream.getvalue()
+
+
+def dump_config(config: Config) -> str:
+    return dump_yaml(config.model_dump(mode="json"))
+
+
 def parse_value(text: str) -> Any:
     """Read one override value the way params.yaml would read it."""
     try:

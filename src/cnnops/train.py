@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
-from cnnops.config import Config, Train
+from cnnops.config import Config, Train, dump_config, flatten
 from cnnops.data.datamodule import ImageData
 from cnnops.data.prepare import Prepared
 from cnnops.errors import ConfigError, DataError
@@ -244,7 +244,6 @@ def rank_zero() -> bool:
 def train_stage(config: Config) -> dict[str, Any]:
     """`cnnops train`: train, write reports, and record the run in MLflow with its provenance."""
     from cnnops import reports, tracking
-    from cnnops.config import flatten
     from cnnops.data import prepare
 
     quiet_lightning()
@@ -298,15 +297,3 @@ def train_stage(config: Config) -> dict[str, Any]:
         raise
     tracker.close()
     return metrics
-
-
-def dump_config(config: Config) -> str:
-    import io
-
-    from ruamel.yaml import YAML
-
-    stream = io.StringIO()
-    yaml = YAML(typ="safe", pure=True)
-    yaml.default_flow_style = False
-    yaml.dump(config.model_dump(mode="json"), stream)
-    return stream.getvalue()

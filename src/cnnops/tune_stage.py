@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cnnops import studies, tune
-from cnnops.config import Config
+from cnnops.config import Config, dump_yaml
 from cnnops.errors import CnnopsError, DataError
 
 if TYPE_CHECKING:
@@ -158,9 +158,7 @@ def write_outputs(config: Config, study: optuna.Study) -> dict[str, Any]:
     return summary
 
 
-def write_best_params(path: Any, config: Config, study: optuna.Study) -> None:
-    from ruamel.yaml import YAML
-
+def write_best_params(path: Path, config: Config, study: optuna.Study) -> None:
     best = study.best_trial
     overrides = {tune.LEVERS[k]: v for k, v in best.params.items()}
     data = {
@@ -172,10 +170,7 @@ def write_best_params(path: Any, config: Config, study: optuna.Study) -> None:
         "overrides": overrides,
     }  # `cnnops train --set KEY=VALUE` for each, to retrain
     path.parent.mkdir(parents=True, exist_ok=True)
-    yaml = YAML(typ="safe", pure=True)
-    yaml.default_flow_style = False
-    with path.open("w") as f:
-        yaml.dump(data, f)
+    path.write_text(dump_yaml(data))
 
 
 def _row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
