@@ -120,7 +120,7 @@ def evaluate_stage(config: Config) -> dict[str, Any]:
         "challenger": _challenger_reports(challenger, data, folder),
         "champion": _champion_report(champion, folder),
     }
-    tracker = tracking.MlflowTracker(
+    with tracking.MlflowTracker(
         config.mlflow,
         run_name="evaluate",
         tags={
@@ -128,16 +128,10 @@ def evaluate_stage(config: Config) -> dict[str, Any]:
             "model.name": name,
             **{f"model.{alias}_version": str(r["model_version"]) for alias, r in results.items()},
         },
-    )
-    try:
+    ) as tracker:
         for alias, r in results.items():
-            numbers = {
-                f"{alias}_{k}": v
-                for k, v in r.items()
-                if isinstance(v, float | int) and k != "model_version"
-            }
-            if numbers:  # MLflow hands back no future for an empty batch
-                tracker.log_metrics(numbers, step=0)
+            scores = {f"{alias}_{k}": v for k, v in r.items() if k != "model_version"}
+            tracker.log_metrics(scores, step=0)
         for path in (
             "eval.json",
             "eval_champion.json",
@@ -146,8 +140,4 @@ def evaluate_stage(config: Config) -> dict[str, Any]:
             "eval_misclassified.png",
         ):
             tracker.log_artifact(folder / path, "evaluate")
-    except BaseException:
-        tracker.close("FAILED")
-        raise
-    tracker.close()
     return results

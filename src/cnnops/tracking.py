@@ -19,7 +19,7 @@ class Tracker(Protocol):
     def run_id(self) -> str | None: ...
 
     def log_params(self, params: dict[str, Any]) -> None: ...
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_metrics(self, metrics: dict[str, Any], step: int) -> None: ...
     def log_artifact(self, path: Path, folder: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def close(self, status: str = "FINISHED") -> None: ...
@@ -33,7 +33,7 @@ class NullTracker:
     def log_params(self, params: dict[str, Any]) -> None:
         pass
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
         pass
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
@@ -73,7 +73,8 @@ def experiment_id(c: MlflowClient, cfg: Mlflow) -> str:
 
 
 class MlflowTracker:
-    """One MLflow run; metrics go out asynchronously and are flushed on `close`."""
+    """One MLflow run; metrics go out asynchronously and are flushed on `close`. As a context
+    manager it closes the run FINISHED, or FAILED when the block raises."""
 
     def __init__(
         self,
@@ -99,6 +100,12 @@ class MlflowTracker:
         )
         self.run_id = run.info.run_id
 
+    def __enter__(self) -> MlflowTracker:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        self.close("FINISHED" if kind is None else "FAILED")
+
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
@@ -106,16 +113,19 @@ class MlflowTracker:
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        """The numbers of `metrics`; other values (None, text) are not metrics and stay out."""
         import time
         from concurrent.futures import ThreadPoolExecutor
 
         from mlflow.entities import Metric
 
-        if not metrics:
-            return
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        batch = [
+            Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, int | float)
+        ]
+        if not batch:
+            return
         # One sender thread of our own keeps the epochs in order and training never waits on the
         # store. (MLflow's `synchronous=False` queue costs a fixed second at every run's end: its
         # worker polls with a one-second timeout before it can be joined.)

@@ -251,10 +251,9 @@ def train_stage(config: Config) -> dict[str, Any]:
     prepared = prepare.load(paths.prepared)
     if not rank_zero():  # DDP re-launches this command per rank; only rank 0 records anything
         return train(config, prepared, paths.models / "train").metrics
-    tracker = tracking.MlflowTracker(
+    with tracking.MlflowTracker(
         config.mlflow, run_name="train", tags={"cnnops.stage": "train"}
-    )
-    try:
+    ) as tracker:
         tracker.log_params(flatten(config))
         tracker.set_tags(
             {
@@ -290,10 +289,5 @@ def train_stage(config: Config) -> dict[str, Any]:
             tracker.log_artifact(
                 write_preview(config.augment, prepared.x["train"], preview, seed=config.train.seed)
             )
-        summary = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
-        tracker.log_metrics(summary, step=result.metrics["epochs_run"])
-    except BaseException:
-        tracker.close("FAILED")
-        raise
-    tracker.close()
+        tracker.log_metrics(metrics, step=metrics["epochs_run"])
     return metrics

@@ -176,8 +176,7 @@ def objective(trial: optuna.Trial, job: Job, prepared: Prepared) -> float:
     with child_run(job, trial, params) as tracker:
         pruning = PyTorchLightningPruningCallback(trial, monitor=metric)
         result = train(config, prepared, trial_dir(job, trial.number), tracker, [pruning])
-        summary = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
-        tracker.log_metrics(summary, step=result.metrics["epochs_run"])
+        tracker.log_metrics(result.metrics, step=result.metrics["epochs_run"])
     result.last_checkpoint.unlink(missing_ok=True)
     trial.set_user_attr("metrics", result.metrics)
     trial.set_user_attr("checkpoint", str(result.best_checkpoint))

@@ -60,27 +60,22 @@ def tune_stage(config: Config, workers: int | None = None) -> dict[str, Any]:
     parent = parent_run(job, study)
     job = replace(job, parent_run_id=parent.run_id)
     progress = Progress(config.tune.n_trials, config.tune.metric)
-    try:
-        workers = workers or config.tune.workers
-        if workers == 1:
-            tune.run_worker(job, on_trial=progress.update)
-        else:
-            tune.run_workers(job, workers, on_poll=lambda: progress.update(study))
-        progress.update(study)
+    with parent:
+        try:
+            workers = workers or config.tune.workers
+            if workers == 1:
+                tune.run_worker(job, on_trial=progress.update)
+            else:
+                tune.run_workers(job, workers, on_poll=lambda: progress.update(study))
+            progress.update(study)
+        finally:
+            progress.close()
         summary = write_outputs(config, study)
-        parent.log_metrics(
-            {k: v for k, v in summary.items() if isinstance(v, int | float)}, step=len(study.trials)
-        )
+        parent.log_metrics(summary, step=len(study.trials))
         parent.set_tags({"best_trial.run_id": summary["mlflow_run_id"]})
         folder = config.paths.reports / "tune"
         for path in sorted(folder.iterdir()):
             parent.log_artifact(path, "tune")
-    except BaseException:
-        parent.close("FAILED")
-        raise
-    finally:
-        progress.close()
-    parent.close()
     return summary
 
 

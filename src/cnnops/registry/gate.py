@@ -179,7 +179,7 @@ def export_champion(config: Config, client: MlflowClient) -> dict[str, Any]:
     x = np.ascontiguousarray(prepare.load(config.paths.prepared).x["test"][: reg.onnx_samples])
     path = export.to_onnx(classifier, x[:1], config.paths.models / "champion.onnx")
     diff = export.max_abs_diff(path, model.predict, x)
-    tracker = tracking.MlflowTracker(
+    with tracking.MlflowTracker(
         config.mlflow,
         run_name="export-onnx",
         tags={
@@ -187,10 +187,9 @@ def export_champion(config: Config, client: MlflowClient) -> dict[str, Any]:
             "model.name": reg.model_name,
             "model.version": version.version,
         },
-    )
-    tracker.log_artifact(path, "onnx")
-    tracker.log_metrics({"onnx_max_abs_diff": diff}, step=0)
-    tracker.close()
+    ) as tracker:
+        tracker.log_artifact(path, "onnx")
+        tracker.log_metrics({"onnx_max_abs_diff": diff}, step=0)
     passed = diff <= reg.onnx_atol
     set_tags(
         client,
