@@ -10,8 +10,8 @@ import torch
 from cnnops.config import load_config
 from cnnops.data import prepare
 from cnnops.data.sources import fetch
-from cnnops.evaluate import checkpoint_predictor, score
-from cnnops.train import train
+from cnnops.evaluate import score
+from cnnops.train import load_classifier, train
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
@@ -30,8 +30,8 @@ def mnist(tmp_path_factory: pytest.TempPathFactory, mnist_mirror: Path) -> prepa
 
 def accuracy(config, data: prepare.Prepared, out: Path) -> float:
     result = train(config, data, out)
-    predict = checkpoint_predictor(result.best_checkpoint)
-    return score(predict, data.x["test"], data.y["test"], data.classes)["test_acc"]
+    proba = load_classifier(result.best_checkpoint).eval().predict_images(data.x["test"])
+    return score(proba, data.y["test"], data.classes)["test_acc"]
 
 
 def test_fast_path_and_albumentations_path_reach_the_same_accuracy(mnist, tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from cnnops import registry, reports
 from cnnops.config import Config
@@ -18,25 +17,9 @@ Predict = Callable[[np.ndarray], np.ndarray]
 """Raw uint8 images (N, C, H, W) → class probabilities (N, K)."""
 
 
-def checkpoint_predictor(path: Path, batch_size: int = 512) -> Predict:
-    from cnnops.train import load_classifier
-
-    model = load_classifier(path).eval()
-
-    @torch.inference_mode()
-    def predict(x: np.ndarray) -> np.ndarray:
-        parts = [
-            model.predict_proba(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size])))
-            for i in range(0, len(x), batch_size)
-        ]
-        return torch.cat(parts).numpy()
-
-    return predict
-
-
-def score(predict: Predict, x: np.ndarray, y: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    """Accuracy, per-class precision/recall/F1 and the confusion matrix of `predict` on (x, y)."""
-    proba = predict(x)
+def score(proba: np.ndarray, y: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Accuracy, per-class precision/recall/F1 and the confusion matrix of class probabilities
+    (N, K) against labels `y`."""
     y_pred = proba.argmax(axis=1)
     cm = reports.confusion_matrix(y, y_pred, len(classes))
     per_class = reports.per_class(cm, classes)
@@ -67,19 +50,21 @@ def write_reports(
     return result
 
 
-def throughput(predict: Predict, x: np.ndarray, batch_size: int) -> float:
-    """Batch inference speed in images per second, after one warm-up batch."""
+def timed_predict(predict: Predict, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, float]:
+    """Class probabilities of `x`, predicted a batch at a time, and the speed in images per
+    second (after one warm-up batch)."""
     predict(x[:batch_size])
     started = time.perf_counter()
-    for i in range(0, len(x), batch_size):
-        predict(x[i : i + batch_size])
-    return round(len(x) / max(time.perf_counter() - started, 1e-9), 1)
+    proba = np.concatenate([predict(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    return proba, round(len(x) / max(time.perf_counter() - started, 1e-9), 1)
 
 
 def _score_alias(client: Any, alias: str, data: prepare.Prepared, config: Config) -> dict[str, Any]:
     model, version = registry.load_model(client, config.registry.model_name, alias)
-    result = score(model.predict, data.x["test"], data.y["test"], data.classes)
-    result["images_per_s"] = throughput(model.predict, data.x["test"], config.evaluate.batch_size)
+    # One pass over the test split gives both the predictions and the inference speed.
+    proba, speed = timed_predict(model.predict, data.x["test"], config.evaluate.batch_size)
+    result = score(proba, data.y["test"], data.classes)
+    result["images_per_s"] = speed
     result.update(
         model_name=config.registry.model_name, model_version=int(version.version), alias=alias
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -71,6 +72,13 @@ class Classifier(L.LightningModule):
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x).float().softmax(dim=1)
+
+    @torch.inference_mode()
+    def predict_images(self, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+        """Class probabilities (N, K), float32, of uint8 images (N, C, H, W), a batch at a time."""
+        chunks = np.split(x, range(batch_size, len(x), batch_size))
+        parts = [self.predict_proba(torch.from_numpy(np.ascontiguousarray(c))) for c in chunks]
+        return torch.cat(parts).numpy()
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         x, y = batch

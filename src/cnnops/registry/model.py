@@ -26,15 +26,8 @@ class ImageClassifier(PythonModel):
     def predict(
         self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None
     ) -> np.ndarray:
-        import torch
-
         x = check_images(np.asarray(model_input), self.model)
-        with torch.inference_mode():
-            parts = [
-                self.model.predict_proba(torch.from_numpy(np.ascontiguousarray(chunk)))
-                for chunk in np.split(x, range(self.batch_size, len(x), self.batch_size))
-            ]
-        return torch.cat(parts).numpy().astype(np.float32)
+        return self.model.predict_images(x, self.batch_size)
 
 
 def image_shape(model: Classifier) -> tuple[int, int, int]:
