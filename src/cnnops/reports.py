@@ -24,6 +24,14 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
+def _save(fig: Any, path: Path) -> None:
+    """Lay out, write as a 100-dpi PNG (creating its folder) and free the figure."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+
+
 def _pyplot() -> Any:
     import matplotlib
 
@@ -47,10 +55,7 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, title: str = "") -> None
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title or "training curves")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarray:
@@ -89,10 +94,7 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> None:
             fontsize=8,
             color="white" if cm[i, j] > threshold else "black",
         )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_image_grid(rows: list[list[np.ndarray]], path: Path, title: str = "") -> None:
@@ -117,10 +119,7 @@ def plot_image_grid(rows: list[list[np.ndarray]], path: Path, title: str = "") -
             )
     axes[0][0].set_title("original", fontsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 STUDY_PLOTS = ("optimization_history", "param_importances", "parallel_coordinate")
@@ -144,9 +143,7 @@ def plot_study(study: Any, folder: Path) -> None:
                 ax.text(0.5, 0.5, f"{name}: {e}", ha="center", va="center", wrap=True)
                 ax.axis("off")
         fig.set_size_inches(10, 6)
-        fig.tight_layout()
-        fig.savefig(folder / f"{name}.png", dpi=100)
-        plt.close(fig)
+        _save(fig, folder / f"{name}.png")
         _study_html(study, name, folder)
 
 
@@ -193,7 +190,4 @@ def plot_misclassified(
         ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray")
         ax.set_title(f"{classes[y[k]]} → {classes[y_pred[k]]}", fontsize=8)
     fig.suptitle(f"misclassified: {len(x)}" + (f" (first {n})" if n < len(x) else ""))
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
