@@ -190,7 +190,8 @@ class Space(Section):
 class Sampler(Section):
     name: Literal["tpe"] = "tpe"
     seed: int = 42
-    """Worker i seeds its sampler with seed + i, so parallel workers do not draw the same points."""
+    """Each worker's sampler is seeded from this, its worker number and the trials so far, so
+    no two parallel workers or reruns draw the same points (`cnnops.tune.open_study`)."""
     startup_trials: Annotated[int, Field(ge=0)] = 8
     """Random trials before TPE starts modelling."""
 
