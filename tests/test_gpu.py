@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnops.config import load_config
+from cnnops.config import Config, load_config
 from cnnops.data import prepare
 from cnnops.data.sources import fetch
 from cnnops.evaluate import score
@@ -28,6 +28,18 @@ def mnist(tmp_path_factory: pytest.TempPathFactory, mnist_mirror: Path) -> prepa
     return prepare.split(config, raw)
 
 
+def translating(epochs: int, *overrides: str) -> Config:
+    """The MNIST config at batch 512, bf16, random translate, `epochs` without early stopping."""
+    common = [
+        f"train.max_epochs={epochs}",
+        "train.batch_size=512",
+        "train.precision=bf16-mixed",
+        "train.early_stopping.enabled=false",
+        TRANSLATE,
+    ]
+    return load_config(ROOT / "pipelines/mnist/params.yaml", [*common, *overrides])
+
+
 def accuracy(config, data: prepare.Prepared, out: Path) -> float:
     result = train(config, data, out)
     proba = load_classifier(result.best_checkpoint).eval().predict_images(data.x["test"])
@@ -35,16 +47,8 @@ def accuracy(config, data: prepare.Prepared, out: Path) -> float:
 
 
 def test_fast_path_and_albumentations_path_reach_the_same_accuracy(mnist, tmp_path: Path) -> None:
-    common = [
-        "train.max_epochs=5",
-        "train.batch_size=512",
-        "train.precision=bf16-mixed",
-        "train.early_stopping.enabled=false",
-        TRANSLATE,
-    ]
-    params = ROOT / "pipelines/mnist/params.yaml"
-    fast = load_config(params, [*common, "augment.engine=batched"])
-    workers = load_config(params, [*common, "augment.engine=albumentations", "train.num_workers=8"])
+    fast = translating(5, "augment.engine=batched")
+    workers = translating(5, "augment.engine=albumentations", "train.num_workers=8")
     fast_acc = accuracy(fast, mnist, tmp_path / "fast")
     workers_acc = accuracy(workers, mnist, tmp_path / "workers")
     print(f"fast path {fast_acc:.4f}, albumentations path {workers_acc:.4f}")
@@ -122,18 +126,8 @@ def test_captured_steps_train_as_eager_steps_do(mnist, tmp_path: Path, schedule:
 
 
 def test_graphed_training_keeps_the_eager_accuracy(mnist, tmp_path: Path) -> None:
-    common = [
-        "train.max_epochs=4",
-        "train.batch_size=512",
-        "train.precision=bf16-mixed",
-        "train.early_stopping.enabled=false",
-        TRANSLATE,
-    ]
-    params = ROOT / "pipelines/mnist/params.yaml"
-    graphed = accuracy(load_config(params, common), mnist, tmp_path / "graphed")
-    eager = accuracy(
-        load_config(params, [*common, "train.cuda_graphs=false"]), mnist, tmp_path / "eager"
-    )
+    graphed = accuracy(translating(4), mnist, tmp_path / "graphed")
+    eager = accuracy(translating(4, "train.cuda_graphs=false"), mnist, tmp_path / "eager")
     print(f"graphed {graphed:.4f}, eager {eager:.4f}")
     assert graphed >= 0.99 and abs(graphed - eager) <= 0.002
 
