@@ -5,19 +5,41 @@ PYTHON ?= python3
 export PATH := $(abspath $(BIN)):$(PATH)
 export NO_ALBUMENTATIONS_UPDATE := 1
 export DVC_NO_ANALYTICS := 1
+PLOTS_TEMPLATE := .dvc/plots_offline.html
 
-.PHONY: help install repro test test-fast lint ui
+.PHONY: help install repro test test-fast lint ui variants
 .DEFAULT_GOAL := help
 
 help: ## Show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-install: $(VENV)/.installed ## Create .venv and install cnnops with its tools (torch pinned by constraints.txt)
+install: $(VENV)/.installed $(PLOTS_TEMPLATE) ## Create .venv and install cnnops with its tools (torch pinned by constraints.txt)
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable ".[dev]"
 	touch $@
+
+# `dvc plots show/diff` pages that work offline: vega inlined in a template (git-ignored) that
+# .dvc/config.local of the root project and of every variant names as plots.html_template.
+$(PLOTS_TEMPLATE): $(VENV)/.installed $(wildcard pipelines/*/.dvc/config)
+	$(BIN)/python -m cnnops.plots
+
+# Each pipelines/<name>/ is a DVC project of its own (`dvc init --subdir`) whose dvc.yaml is the
+# root one, copied: every path comes from the params.yaml beside it. Written to a temporary file
+# and renamed, so an old symbolic link is replaced, never written through.
+VARIANTS := $(patsubst %/params.yaml,%,$(wildcard pipelines/*/params.yaml))
+variants: ## Regenerate pipelines/*/dvc.yaml from the root dvc.yaml (run after editing it)
+	@for dir in $(VARIANTS); do \
+		{ echo '# Generated from the root dvc.yaml by `make variants`: edit that file, then run it again.'; \
+		  echo '# Paths and values come from the params.yaml beside this file.'; \
+		  cat dvc.yaml; } > $$dir/dvc.yaml.tmp && mv -f $$dir/dvc.yaml.tmp $$dir/dvc.yaml || exit 1; \
+		if [ ! -d $$dir/.dvc ]; then \
+		  (cd $$dir && dvc init --subdir --quiet && dvc config core.analytics false \
+		   && dvc config core.autostage true) || exit 1; \
+		fi; \
+		echo "$$dir/dvc.yaml"; \
+	done
 
 repro: install ## Run the default pipeline (dvc repro) and print its metrics
 	dvc repro

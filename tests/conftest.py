@@ -95,6 +95,16 @@ def set_params(path: Path, overrides: list[str]) -> None:
     path.write_text(stream.getvalue())
 
 
+def sh(*args: str, cwd: Path) -> str:
+    """A command's stdout then stderr; fails the test, showing both, on a non-zero exit."""
+    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
+    return result.stdout + result.stderr
+
+
 def cnnops(*args: str, cwd: Path | None = None, check: bool = False) -> subprocess.CompletedProcess:
     """Run the installed `cnnops` console script as a user would."""
     result = subprocess.run([str(BIN / "cnnops"), *args], cwd=cwd, capture_output=True, text=True)

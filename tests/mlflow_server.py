@@ -64,9 +64,12 @@ def running(
 
 
 @contextmanager
-def mlflow_server(folder: Path, backend: str | None = None) -> Iterator[str]:
-    """A real `mlflow server` (SQLite backend unless `backend` names one) with proxied artifacts."""
-    port = free_port()
+def mlflow_server(
+    folder: Path, backend: str | None = None, port: int | None = None
+) -> Iterator[str]:
+    """A real `mlflow server` (SQLite backend unless `backend` names one) with proxied artifacts,
+    on `port` or a free one."""
+    port = port or free_port()
     folder.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable,

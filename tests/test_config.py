@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from cnnops.cli import app
 from cnnops.config import Config, apply_override, flatten, load_config
 from cnnops.errors import ConfigError
 from tests.conftest import ROOT, cnnops
@@ -97,3 +101,124 @@ def test_missing_data_directory_is_a_clear_error(workdir: Path) -> None:
     assert result.returncode == 2
     assert "data/raw" in result.stderr and "cnnops fetch" in result.stderr
     assert not (workdir / "data" / "prepared").exists()
+
+
+# --- what the runtime would find wrong, found at load ------------------------------------------
+
+
+def show_config(*overrides: str) -> tuple[int, str]:
+    """`cnnops show-config --set ...` run in this process: its exit status and its stderr."""
+    result = CliRunner().invoke(app, ["show-config", *(a for o in overrides for a in ("--set", o))])
+    return result.exit_code, result.stderr
+
+
+@pytest.mark.parametrize("devices", ["0", "-1", "true", "two"])
+def test_fewer_than_one_device_is_refused_at_load(devices: str) -> None:
+    with pytest.raises(ConfigError, match=f"^--set train.devices={devices}: train.devices = "):
+        load_config(ROOT / "params.yaml", [f"train.devices={devices}"])
+
+
+def test_a_bad_value_from_the_file_names_the_file_not_set(tmp_path: Path) -> None:
+    params = write(
+        tmp_path / "params.yaml", "train: {devices: 0}\ntune: {space: {lr: [0.1, 0.01]}}\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(params, ["model.dropout_fc=0.3"])  # an unrelated --set is not to blame
+    assert str(err.value).startswith(f"{params}: train.devices = 0: ")
+    with pytest.raises(ConfigError) as err:
+        load_config(params, ["train.devices=1"])
+    assert str(err.value).startswith(f"{params}: tune.space.lr = [0.1, 0.01]: low 0.1 is above")
+
+
+@pytest.mark.parametrize(
+    ("override", "culprit"),
+    [
+        ("train.optimizer={lr: 0}", "train.optimizer.lr = 0"),  # a whole section set at once
+        ("model.conv=[{filters: 8, kernel: 9, padding: valid}]", "model.conv[0].kernel = 9"),
+    ],
+)
+def test_a_bad_value_from_set_is_blamed_on_that_set(override: str, culprit: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "params.yaml", ["model.dropout_fc=0.3", override])
+    assert str(err.value).startswith(f"--set {override}: {culprit}")
+
+
+def test_the_last_set_of_a_key_is_the_one_blamed() -> None:
+    with pytest.raises(ConfigError, match=r"^--set train.devices=0: train.devices = 0: "):
+        load_config(ROOT / "params.yaml", ["train.devices=2", "train.devices=0"])
+
+
+def test_a_section_check_tripped_by_a_set_names_both_origins() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "params.yaml", ["prepare.val_fraction=0.75"])
+    assert str(err.value).startswith(f"{ROOT / 'params.yaml'} with --set prepare.val_fraction=0.75")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_a_gpu_accelerator_without_a_gpu_is_refused_by_show_config(workdir: Path) -> None:
+    result = cnnops("show-config", "--set", "train.accelerator=gpu")  # as a user runs it
+    assert result.returncode == 2
+    assert result.stderr == (
+        "cnnops show-config: error: --set train.accelerator=gpu: train.accelerator = 'gpu': "
+        "this machine has no CUDA GPU; use auto or cpu\n"
+    )
+    with pytest.raises(ConfigError, match="train.accelerator = 'cuda': this machine has no CUDA"):
+        load_config(ROOT / "params.yaml", ["train.accelerator=cuda", "train.devices=2"])
+    # auto without a GPU is the CPU: several devices are CPU processes under ddp, allowed.
+    assert load_config(ROOT / "params.yaml", ["train.devices=2"]).train.devices == 2
+
+
+@pytest.mark.skipif(__import__("torch").backends.mps.is_available(), reason="MPS is here")
+def test_an_mps_accelerator_without_mps_is_refused() -> None:
+    with pytest.raises(ConfigError, match="^--set train.accelerator=mps: .*MPS is not available"):
+        load_config(ROOT / "params.yaml", ["train.accelerator=mps"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("accelerator", ["gpu", "cuda", "auto"])
+def test_more_devices_than_gpus_is_refused(accelerator: str) -> None:
+    import torch
+
+    gpus = torch.cuda.device_count()
+    load_config(ROOT / "params.yaml", [f"train.accelerator={accelerator}", f"train.devices={gpus}"])
+    too_many = f"train.devices={gpus + 1}"
+    with pytest.raises(ConfigError, match=f"^--set {too_many}: train.devices = {gpus + 1}: more"):
+        load_config(ROOT / "params.yaml", [f"train.accelerator={accelerator}", too_many])
+
+
+def test_the_runtime_check_leaves_torch_unimported_for_a_cpu_config() -> None:
+    code = (
+        "import sys; from pathlib import Path; from cnnops import config as c\n"
+        "for cfg in (c.Config(), c.Config(train={'accelerator': 'cpu', 'devices': 4})):\n"
+        "    c.check_paths(cfg.paths, Path.cwd()); c.check_space(cfg); c.check_runtime(cfg)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("override", "culprit"),
+    [
+        ("tune.space.dropout_fc=[0.5, 0.1]", "low 0.5 is above high 0.1"),
+        ("tune.space.noise_std=[0.2, 0.2]", "low equals high (0.2), an empty range"),
+        ("tune.space.weight_decay=[0, 0.01]", "a log-scale range must start above 0"),
+        ("tune.space.lr=[-0.001, 0.01]", "a log-scale range must start above 0"),
+        ("tune.space.batch_norm=[]", "tune.space.batch_norm = []: List should have at least 1"),
+        ("tune.space.batch_norm=[1, 0]", "tune.space.batch_norm[0] = 1: Input should be a valid b"),
+        ("tune.space.dropout_fc=['0.1', 0.5]", "tune.space.dropout_fc[0] = '0.1': Input should"),
+        ("tune.space.l1=[false, 0.1]", "tune.space.l1[0] = False: Input should be a valid number"),
+        ("tune.space.dropout_fc=[0.1, 0.2, 0.3]", "Tuple should have at most 2 items"),
+        ("tune.space.dropout=[0.1, 0.2]", "unknown key 'tune.space.dropout'"),
+        ("tune.space.dropout_fc=[0.0, 1.0]", "1.0 is not a valid model.dropout_fc"),
+        ("tune.space.augment_strength=[0.0, 2.0]", "2.0 is not a valid augment.strength"),
+        ("tune.space.lr=[0.001, 20]", "20.0 is not a valid train.optimizer.lr (Input should be"),
+    ],
+)
+def test_show_config_rejects_a_bad_search_space(workdir: Path, override: str, culprit: str) -> None:
+    status, stderr = show_config(override)
+    assert status == 2 and stderr.count("\n") == 1
+    assert stderr.startswith(f"cnnops show-config: error: --set {override}: ")
+    assert culprit in stderr

@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from cnnops.checkpoints import load_classifier
 from cnnops.config import Config, load_config
 from cnnops.data import prepare
 from cnnops.data.sources import fetch
 from cnnops.evaluate import score
-from cnnops.train import load_classifier, train
+from cnnops.train import train
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from cnnops import registry
+from cnnops.checkpoints import sha256_file
 from cnnops.config import Config, load_config
 from cnnops.errors import DataError, RegistryError
 from tests.conftest import cnnops, postgres_database
@@ -102,6 +103,9 @@ def test_gate_promotes_first_keeps_worse_promotes_better_and_rolls_back(
     assert v1["promotion.previous_champion"] == "none" and v1["onnx.parity"] == "pass"
     assert json.loads(v1["classes"]) == [str(i) for i in range(10)]
     assert {"git.commit", "params", "preprocessing", "val_acc"} <= set(v1)
+    assert v1["checkpoint.sha256"] == sha256_file(workdir / "models/train/best.ckpt")
+    onnx_sha256 = sha256_file(workdir / "models/champion.onnx")
+    assert result["onnx_sha256"] == v1["onnx.sha256"] == onnx_sha256
 
     result = pipeline(make_config(workdir, name, *WORSE))
     assert versions(first) == {"challenger": "2", "champion": "1"}
@@ -173,15 +177,39 @@ def candidate(folder: Path, name: str, **run: float) -> registry.Candidate:
     return registry.Candidate(name, folder / name / "best.ckpt", run)
 
 
-def test_pick_ranks_by_validation_metric_and_train_wins_a_tie(tmp_path: Path) -> None:
+def test_find_candidates_skips_absent_folders_and_pick_needs_one(tmp_path: Path) -> None:
     candidate(tmp_path, "train", best_val_acc=0.9, best_val_loss=0.3)
     candidate(tmp_path, "tune", best_val_acc=0.9, best_val_loss=0.2)
     found = registry.find_candidates(tmp_path, ["train", "tune", "absent"])
     assert [c.name for c in found] == ["train", "tune"]
-    assert registry.pick(found, "val_acc").name == "train"
-    assert registry.pick(found, "val_loss").name == "tune"
     with pytest.raises(DataError, match="run `cnnops train` first"):
         registry.pick([], "val_acc")
+
+
+@pytest.mark.parametrize(
+    ("select_by", "train", "tune", "winner"),
+    [
+        ("val_acc", (1.0, 0.3), (1.0, 0.2), "tune"),  # tied accuracy: the lower loss wins
+        ("val_acc", (1.0, 0.2), (1.0, 0.3), "train"),
+        ("val_acc", (0.95, 0.9), (0.9, 0.1), "train"),  # the primary metric decides first
+        ("val_loss", (0.8, 0.25), (0.9, 0.25 + 1e-12), "tune"),  # tied loss: higher accuracy
+        ("val_loss", (0.9, 0.3), (0.8, 0.2), "tune"),
+        ("val_acc", (1.0, None), (1.0, 5.0), "tune"),  # no tie-breaker loses the tie
+        ("val_acc", (1.0, 0.1), (1.0, 0.1), "train"),  # a full tie: the earlier candidate
+    ],
+)
+def test_pick_ranks_by_validation_metric_and_the_other_one_breaks_a_tie(
+    tmp_path: Path,
+    select_by: str,
+    train: tuple[float, float | None],
+    tune: tuple[float, float | None],
+    winner: str,
+) -> None:
+    def make(name: str, acc: float, loss: float | None) -> registry.Candidate:
+        run = {"best_val_acc": acc} | ({} if loss is None else {"best_val_loss": loss})
+        return registry.Candidate(name, tmp_path / name / "best.ckpt", run)
+
+    assert registry.pick([make("train", *train), make("tune", *tune)], select_by).name == winner
 
 
 @pytest.mark.parametrize(
@@ -221,22 +249,72 @@ def test_missing_model_or_alias_is_named(workdir: Path) -> None:
     assert result.returncode == 2 and "'empty' has no @champion alias" in result.stderr
 
 
-@pytest.mark.slow
-def test_register_with_a_run_from_another_store_leaves_nothing_behind(workdir: Path) -> None:
-    config = make_config(workdir, "digits")
-    prepared(config)
-    from cnnops.data import prepare
-    from cnnops.train import train
+def use_store(monkeypatch: pytest.MonkeyPatch, db: Path) -> None:
+    import mlflow
 
-    data = prepare.load(config.paths.prepared)
-    result = train(
-        make_config(workdir, "digits", "train.max_epochs=1"), data, workdir / "models/train"
+    uri = f"sqlite:///{db}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+
+
+@pytest.mark.slow
+def test_register_in_a_store_without_the_training_run_logs_the_checkpoint_with_its_provenance(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A clone: its checkpoints came through DVC, its MLflow store is its own and empty."""
+    import subprocess
+
+    import yaml
+
+    from cnnops.checkpoints import sha256_file
+    from cnnops.train import train_stage
+
+    config = make_config(workdir, "digits", *FIRST)
+    prepared(config)
+    train_stage(config)  # into the workdir's own store
+    trained = json.loads((workdir / "models/train/run.json").read_text())
+    origin = trained["mlflow_run_id"]
+    sha256 = sha256_file(workdir / "models/train/best.ckpt")
+    lock = {"stages": {"train": {"outs": [{"path": "models/train", "md5": "abc123.dir"}]}}}
+    (workdir / "dvc.lock").write_text(yaml.safe_dump(lock))
+    for command in (["init", "-q"], ["add", "dvc.lock", "params.yaml"]):
+        subprocess.run(["git", *command], cwd=workdir, check=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "clone"],
+        cwd=workdir,
+        check=True,
     )
-    (workdir / "models/train/run.json").write_text(
-        json.dumps({"mlflow_run_id": "0" * 32, **result.metrics})
-    )
-    with pytest.raises(RegistryError, match="not found in the registry's tracking store"):
-        registry.register(config)
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=workdir, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+    use_store(monkeypatch, workdir / "clone.db")
+    pointer = registry.register(config)
     client = registry.connect(config.mlflow)
-    assert client.search_registered_models() == []
-    assert not (workdir / "models/registry.json").exists()
+    run = client.get_run(pointer["run_id"])
+    assert pointer["run_id"] != origin and pointer["origin_run_id"] == origin
+    assert run.info.run_name == "register-train" and run.info.status == "FINISHED"
+    assert run.data.tags["cnnops.origin_run_id"] == origin
+    assert run.data.tags["checkpoint.sha256"] == sha256
+    assert run.data.tags["dvc.models/train"] == "abc123.dir"
+    assert run.data.tags["git.commit"].removesuffix("-dirty") == head
+    assert run.data.params["train.max_epochs"] == "1"
+    assert run.data.metrics["best_val_acc"] == trained["best_val_acc"]
+    version = client.get_model_version("digits", "1")
+    assert version.run_id == pointer["run_id"]
+    assert version.tags["cnnops.run_id"] == pointer["run_id"]
+    assert version.tags["cnnops.origin_run_id"] == origin
+    assert version.tags["checkpoint.sha256"] == sha256
+    model, _ = registry.load_model(client, "digits", "challenger")  # verified, loaded
+    x = np.load(workdir / "data/prepared/test_x.npy")[:8]
+    assert model.predict(x).shape == (8, 10)
+
+    # In the store that holds the training run, the version goes into that run, as before.
+    use_store(monkeypatch, workdir / "mlflow.db")
+    pointer = registry.register(config)
+    assert pointer["run_id"] == pointer["origin_run_id"] == origin
+    client = registry.connect(config.mlflow)
+    assert tags(config, "1")["cnnops.run_id"] == origin
+    runs = client.search_runs([client.get_run(origin).info.experiment_id])
+    assert not [r for r in runs if r.info.run_name.startswith("register-")]

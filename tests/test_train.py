@@ -9,10 +9,11 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from cnnops.checkpoints import load_classifier
 from cnnops.config import load_config
 from cnnops.data import prepare
 from cnnops.data.sources import fetch
-from cnnops.train import load_classifier, train, train_stage
+from cnnops.train import train, train_stage
 
 
 @pytest.fixture

@@ -43,6 +43,18 @@ def digits(workdir: Path) -> Path:
     return workdir
 
 
+def start_tune(
+    folder: Path, overrides: tuple[str, ...], stderr: int = subprocess.DEVNULL
+) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(BIN / "cnnops"), "tune", *sets(*overrides)],
+        cwd=folder,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        text=True,
+    )
+
+
 def open_study(folder: Path, *overrides: str) -> optuna.Study:
     config = load_config(folder / "params.yaml", [*TINY, *overrides])
     url = studies.storage_url(config)
@@ -103,12 +115,7 @@ def test_sigkilled_tune_resumes_to_exactly_n_trials_without_running_leftovers(di
         "train.early_stopping.enabled=false",
         "tune.pruner.name=none",
     )
-    proc = subprocess.Popen(
-        [str(BIN / "cnnops"), "tune", *sets(*overrides)],
-        cwd=digits,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_tune(digits, overrides)
     journal = digits / "models" / "optuna" / "studies.journal"
     deadline = time.time() + 300
     while time.time() < deadline:  # kill it while its second trial runs
@@ -138,6 +145,41 @@ def test_sigkilled_tune_resumes_to_exactly_n_trials_without_running_leftovers(di
     cfg = load_config(digits / "params.yaml").mlflow
     run = tracking.client(cfg).get_run(failed.user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED" and run.data.tags["optuna.state"] == "failed"
+
+
+def test_sigterm_stops_tune_with_143_and_the_rerun_resumes_the_trial(digits: Path) -> None:
+    overrides = (
+        "tune.n_trials=2",
+        "train.max_epochs=8",
+        "train.early_stopping.enabled=false",
+        "tune.pruner.name=none",
+    )
+    proc = start_tune(digits, overrides, stderr=subprocess.PIPE)
+    trials = digits / "models" / "optuna"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(trials.glob("*/trial-0/last.ckpt")):
+        time.sleep(0.2)  # an epoch of the first trial is checkpointed
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1].startswith("cnnops tune: interrupted by SIGTERM; 0 of 2")
+    study = open_study(digits, *overrides)
+    assert states(study) == {"FAIL": 1, "WAITING": 1}  # failed, and queued again
+    killed = study.trials[0]
+    cfg = load_config(digits / "params.yaml").mlflow
+    client = tracking.client(cfg)
+    assert client.get_run(killed.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert parent.info.status == "KILLED"
+
+    cnnops("tune", *sets(*overrides), cwd=digits, check=True)
+    study = open_study(digits, *overrides)
+    assert states(study) == {"FAIL": 1, "COMPLETE": 2}
+    retry = study.trials[1]
+    assert retry.params == killed.params
+    run = client.get_run(retry.user_attrs["mlflow_run_id"])
+    assert run.data.tags["cnnops.resumed_from"].endswith("trial-0/last.ckpt")
+    assert client.get_run(study.user_attrs["mlflow_parent_run_id"]).info.status == "FINISHED"
 
 
 def test_three_workers_on_the_journal_finish_exactly_n_trials(digits: Path) -> None:

@@ -47,11 +47,19 @@ class BatchAugment(nn.Module):
         self.resolved = resolved
         self.seed = seed
         self._generator: torch.Generator | None = None
+        self._restored: torch.Tensor | None = None
 
     def _rng(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device).manual_seed(self.seed)
+            if self._restored is not None:
+                self._generator.set_state(self._restored)
+                self._restored = None
         return self._generator
+
+    def restore_generators(self, states: list[torch.Tensor]) -> None:
+        """Continue from `states` (from `generators()` of a checkpointed run) at the next draw."""
+        self._generator, self._restored = None, states[0]
 
     def generators(self) -> list[torch.Generator]:
         """The generators drawn from so far (a CUDA graph capturing this module registers them)."""

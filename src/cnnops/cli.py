@@ -33,15 +33,24 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def clear_errors(fn: F) -> F:
-    """Turn a user-fixable error into one line on stderr and exit status 2."""
+    """Turn a user-fixable error into one line on stderr and exit status 2, and SIGTERM/SIGINT
+    into one line saying how to resume and exit status 143/130."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from cnnops import runs
+
+        name = f"cnnops {fn.__name__.replace('_', '-')}"
         try:
-            return fn(*args, **kwargs)
+            with runs.interruptible():
+                return fn(*args, **kwargs)
         except CnnopsError as e:
-            typer.echo(f"cnnops {fn.__name__.replace('_', '-')}: error: {e}", err=True)
+            typer.echo(f"{name}: error: {e}", err=True)
             raise typer.Exit(2) from None
+        except runs.Interrupted as e:
+            detail = f"; {e.detail}" if e.detail else ""
+            typer.echo(f"{name}: interrupted by {e}{detail}", err=True)
+            raise typer.Exit(e.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -91,9 +100,16 @@ def prepare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> Non
 @clear_errors
 def train(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Train the CNN; checkpoints to paths.models/train, metrics to reports/train.json."""
-    from cnnops.train import rank_zero, train_stage
+    from cnnops.runs import rank_zero
 
-    metrics = train_stage(_config(params, set_))
+    config = _config(params, set_)
+    if rank_zero():  # a dead tracking server: one line now, before the heavy imports
+        from cnnops.tracking import check_reachable
+
+        check_reachable(config.mlflow)
+    from cnnops.train import train_stage
+
+    metrics = train_stage(config)
     if rank_zero():  # under DDP every rank runs this command; one answer is enough
         _print(metrics)
 
@@ -131,9 +147,13 @@ def tune(
     params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, workers: WorkersOpt = None
 ) -> None:
     """Optuna search over the regularization levers; best params and checkpoint to paths.*/tune."""
+    from cnnops.tracking import check_reachable
+
+    config = _config(params, set_)
+    check_reachable(config.mlflow)  # a dead tracking server: one line now, not after trials
     from cnnops.tune_stage import tune_stage
 
-    _print(tune_stage(_config(params, set_), workers))
+    _print(tune_stage(config, workers))
 
 
 @app.command()
@@ -186,6 +206,67 @@ def serve(
     from cnnops.registry.serve import serve as run
 
     run(_config(params, set_), alias, host, port)
+
+
+@app.command()
+@clear_errors
+def retrain(
+    ctx: typer.Context,
+    pipeline: Annotated[
+        Path,
+        typer.Option(
+            envvar="CNNOPS_PIPELINE",
+            help="The DVC project to retrain: . or a variant's folder, e.g. pipelines/mnist.",
+        ),
+    ] = Path("."),
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            "-S",
+            envvar="CNNOPS_SET",
+            help="Override a value: KEY=VALUE (repeatable; in CNNOPS_SET one a line). Validated "
+            "like `cnnops show-config --set`, then written into the pipeline's params.yaml.",
+        ),
+    ] = None,
+    base: Annotated[
+        str,
+        typer.Option(envvar="CNNOPS_BASE", help="The git ref the params and metrics diffs use."),
+    ] = "HEAD",
+) -> None:
+    """Retrain what changed: dvc pull (when a remote is set), dvc repro, the promotion gate
+    against @champion, and a report in reports/retrain.md and reports/retrain.json.
+
+    Exit status:
+    0: the challenger was promoted, or nothing changed (nothing retrained or registered);
+    3: a new challenger lost the gate, the champion stays;
+    2: bad input (--set, --pipeline or --base), nothing written;
+    1: dvc pull or dvc repro failed (their output says why).
+    """
+    from cnnops.retrain import PipelineFailed, env_overrides
+    from cnnops.retrain import retrain as run
+
+    overrides = list(set_ or [])
+    source = ctx.get_parameter_source("set_")
+    if source is not None and source.name == "ENVIRONMENT":
+        overrides = env_overrides()  # one KEY=VALUE a line: values may hold spaces
+    try:
+        outcome = run(pipeline, overrides, base)
+    except PipelineFailed as e:
+        typer.echo(f"cnnops retrain: {e}", err=True)
+        raise typer.Exit(1) from None
+    report = outcome.report
+    _print(
+        {
+            "verdict": report["verdict"],
+            "stages_ran": report["stages_ran"],
+            "champion": report["champion"],
+            "report": str(outcome.markdown),
+            "exit_code": outcome.exit_code,
+        }
+    )
+    if outcome.exit_code:
+        raise typer.Exit(outcome.exit_code)
 
 
 def main() -> None:

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from ruamel.yaml import YAML, YAMLError
 
 from cnnops.errors import ConfigError
@@ -21,12 +31,27 @@ class Section(BaseModel):
 
 
 class Paths(Section):
+    """Folders relative to the project (the folder holding the params file); `check_paths`
+    keeps the data and output folders inside it, apart from each other and from the code."""
+
     raw: Path = Path("data/raw")
     prepared: Path = Path("data/prepared")
     models: Path = Path("models")
     reports: Path = Path("reports")
     src: Path = Path("src/cnnops")
     """The package source, so dvc.yaml can declare each stage's code as a dependency."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        # Path("") is Path("."): the project itself, which a stage would then replace.
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise ValueError("empty; give a relative path inside the project, e.g. data/prepared")
+        return value
+
+
+DATA_PATHS = ("raw", "prepared", "models", "reports")
+"""The `paths` keys stages write to (and may replace); `src` is only read."""
 
 
 class Fetch(Section):
@@ -119,7 +144,9 @@ class Train(Section):
     """L1 penalty on the weights, added to the loss."""
     early_stopping: EarlyStopping = EarlyStopping()
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
-    devices: int | Literal["auto"] = 1
+    """gpu/cuda need a CUDA GPU here (checked at load, see `check_runtime`)."""
+    devices: Annotated[int, Strict(), Field(ge=1, le=1024)] | Literal["auto"] = 1
+    """Devices per run: at most the GPUs present when the accelerator is or resolves to GPU."""
     strategy: Literal["auto", "ddp"] = "auto"
     """ddp: one process per device (plain DDP, re-launching the command); gloo on CPU, NCCL on GPU."""
     sync_batchnorm: bool = False
@@ -159,32 +186,59 @@ class Evaluate(Section):
     batch_size: Annotated[int, Field(ge=1)] = 512
 
 
-Range = tuple[float, float]
+# Strict: a range is two numbers (YAML ints or floats), a choice a true/false, never a string
+# or a bool that pydantic would otherwise coerce.
+Number = Annotated[float, Strict()]
+Range = tuple[Number, Number]
+
+# Each tuned lever's config key, and those sampled on a log scale (`cnnops.tune` uses these).
+LEVERS = {
+    "dropout_conv": "model.dropout_conv",
+    "dropout_fc": "model.dropout_fc",
+    "weight_decay": "train.optimizer.weight_decay",
+    "l1": "train.l1",
+    "batch_norm": "model.batch_norm",
+    "noise_std": "model.noise_std",
+    "augment_strength": "augment.strength",
+    "lr": "train.optimizer.lr",
+}
+LOG_SCALE = frozenset({"weight_decay", "lr"})
 
 
 class Space(Section):
-    """Ranges of the tuned levers; the names and their scales are fixed in `cnnops.tune`."""
+    """Ranges of the tuned levers ([low, high], or the choices of batch_norm); null leaves a
+    lever out of the search. `check_space` checks each end is a valid value of its lever."""
 
     dropout_conv: Range | None = (0.0, 0.5)
     dropout_fc: Range | None = (0.0, 0.6)
     weight_decay: Range | None = (1e-6, 1e-2)
     """Sampled on a log scale."""
     l1: Range | None = (0.0, 1e-4)
-    batch_norm: list[bool] | None = Field(default_factory=lambda: [True, False], min_length=1)
+    batch_norm: list[Annotated[bool, Strict()]] | None = Field(
+        default_factory=lambda: [True, False], min_length=1
+    )
     noise_std: Range | None = (0.0, 0.3)
     augment_strength: Range | None = (0.0, 1.0)
     """Applied as augment.strength once the config has an augment section."""
     lr: Range | None = (1e-4, 1e-2)
     """Sampled on a log scale."""
 
-    @model_validator(mode="after")
-    def _ranges_are_ordered(self) -> Space:
-        for name, value in self:
-            if isinstance(value, tuple) and value[0] > value[1]:
-                raise ValueError(f"{name}: low {value[0]:g} is above high {value[1]:g}")
-            if name in ("weight_decay", "lr") and value and value[0] <= 0:
-                raise ValueError(f"{name}: a log-scale range must start above 0, got {value[0]:g}")
-        return self
+    @field_validator("*", mode="after")
+    @classmethod
+    def _range_is_usable(cls, value: Any, info: ValidationInfo) -> Any:
+        if not isinstance(value, tuple):
+            return value
+        low, high = value
+        if low > high:
+            raise ValueError(f"low {low:g} is above high {high:g}; write the range as [low, high]")
+        if low == high:
+            raise ValueError(
+                f"low equals high ({low:g}), an empty range; to fix the lever, set it in its "
+                f"section and tune.space.{info.field_name}: null"
+            )
+        if info.field_name in LOG_SCALE and low <= 0:
+            raise ValueError(f"a log-scale range must start above 0, got {low:g}")
+        return value
 
 
 class Sampler(Section):
@@ -239,7 +293,8 @@ class Tune(Section):
 class Registry(Section):
     model_name: Annotated[str, Field(min_length=1, max_length=200)] = "cnnops"
     select_by: Literal["val_acc", "val_loss"] = "val_acc"
-    """How `cnnops register` ranks the candidates (the train run, the tuning study's best trial)."""
+    """How `cnnops register` ranks the candidates (the train run, the tuning study's best trial);
+    a tie goes to the other validation metric (lower val_loss, or higher val_acc)."""
     candidates: list[str] = Field(default_factory=lambda: ["train", "tune"], min_length=1)
     """Folders under paths.models holding a candidate's best.ckpt + run.json; absent ones are skipped."""
     metric: Literal["test_acc", "macro_f1"] = "test_acc"
@@ -357,33 +412,206 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         ) from None
 
 
-def _format_error(source: str, data: dict[str, Any], err: ValidationError) -> str:
+Where = Callable[[str], str]
+"""Where a dotted key's value came from: `--set KEY=VALUE` or the params file."""
+
+
+def _where(path: Path, overrides: list[str]) -> Where:
+    """Blame the last `--set` that assigned the key (or a section above it), else the file."""
+    assigned = [(_key_parts(a.partition("=")[0]), a.strip()) for a in overrides]
+
+    def where(key: str) -> str:
+        parts = _key_parts(key)
+        for target, assignment in reversed(assigned):
+            if target and parts[: len(target)] == target:
+                return f"--set {assignment}"
+        # A check of a whole section (say prepare's fractions) may be tripped by a --set inside.
+        inside = [a for t, a in assigned if len(t) > len(parts) and t[: len(parts)] == parts]
+        return f"{path} with --set {', '.join(inside)}" if inside else str(path)
+
+    return where
+
+
+def _loc(parts: tuple[int | str, ...]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".")
+
+
+def _format_error(where: Where, err: ValidationError) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in first["loc"])
-    loc = loc.replace(".[", "[")
+    # A union (train.devices: int | "auto") adds the branch to the location: not a key.
+    loc = _loc(tuple(p for p in first["loc"] if isinstance(p, int) or "[" not in p))
+    loc = loc.removesuffix(".constrained-int").removesuffix(".int")
     value = first.get("input")
     if first["type"] == "extra_forbidden":
-        return f"{source}: unknown key {loc!r} (value {value!r}); check the spelling against `cnnops show-config`"
-    where = f"{loc} = {value!r}" if loc else "params"
-    return f"{source}: {where}: {first['msg']}"
+        return (
+            f"{where(loc)}: unknown key {loc!r} (value {value!r}); check the spelling against "
+            "`cnnops show-config`"
+        )
+    what = f"{loc} = {value!r}" if loc else "params"
+    return f"{where(loc)}: {what}: {first['msg'].removeprefix('Value error, ')}"
+
+
+def _params(key: str) -> str:
+    return "params"
+
+
+def _fail(where: Where, key: str, message: str) -> ConfigError:
+    return ConfigError(f"{where(key)}: {message}")
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_paths(paths: Paths, project: Path, where: Where = _params) -> None:
+    """Raise ConfigError unless every path is relative and inside `project` (symbolic links
+    followed) and the data/output paths are apart: from each other, from paths.src, .git, .dvc
+    and the project folder itself, so no stage can replace a folder it does not own."""
+    root = project.resolve()
+    resolved: dict[str, Path] = {}
+    for name in (*DATA_PATHS, "src"):
+        key, value = f"paths.{name}", getattr(paths, name)
+        shown = f"{key} = {value.as_posix()!r}"
+        allowed = f"give a relative path inside {root.as_posix()}, the folder of the params file"
+        if value.is_absolute():
+            raise _fail(where, key, f"{shown}: an absolute path; {allowed}")
+        full = (root / value).resolve()
+        outside = not _inside(full, root)
+        if name == "src":  # read only: a shared source tree outside the project is fine
+            if outside and not full.is_dir():
+                raise _fail(where, key, f"{shown}: outside the project and not a folder; {allowed}")
+        elif ".." in value.parts:
+            raise _fail(where, key, f"{shown}: '..' is not allowed in a data path; {allowed}")
+        elif outside:
+            raise _fail(
+                where, key, f"{shown}: a symbolic link leads outside the project; {allowed}"
+            )
+        elif full == root:
+            raise _fail(where, key, f"{shown}: the project folder itself; {allowed}, e.g. data/x")
+        resolved[name] = full
+    reserved = {"paths.src": resolved["src"], ".git": root / ".git", ".dvc": root / ".dvc"}
+    rule = "data and output paths (raw, prepared, models, reports) must not overlap"
+    for i, name in enumerate(DATA_PATHS):
+        key, here = f"paths.{name}", resolved[name]
+        shown = f"{key} = {getattr(paths, name).as_posix()!r}"
+        for other, there in reserved.items():
+            if _inside(here, there) or _inside(there, here):
+                raise _fail(
+                    where,
+                    key,
+                    f"{shown}: overlaps {other} (one is or holds the other); {rule} "
+                    "paths.src, .git or .dvc",
+                )
+        for name2 in DATA_PATHS[i + 1 :]:
+            if not (_inside(here, resolved[name2]) or _inside(resolved[name2], here)):
+                continue
+            # Lead with the key the user just set, when one of the two came from --set.
+            first, second = name, name2
+            if where(f"paths.{name2}").startswith("--set") and not where(key).startswith("--set"):
+                first, second = name2, name
+            a, b = resolved[first], resolved[second]
+            relation = "lies inside"
+            if a == b:
+                relation = "is the same folder as"
+            elif _inside(b, a):
+                relation = "contains"
+            message = (
+                f"paths.{first} = {getattr(paths, first).as_posix()!r} {relation} paths.{second} = "
+                f"{getattr(paths, second).as_posix()!r}; {rule}: neither equal nor one inside another"
+            )
+            raise _fail(where, f"paths.{first}", message)
+
+
+def _lever(config: Config, key: str) -> tuple[BaseModel, str]:
+    *sections, leaf = key.split(".")
+    node: BaseModel = config
+    for section in sections:
+        node = getattr(node, section)
+    return node, leaf
+
+
+def check_space(config: Config, where: Where = _params) -> None:
+    """Raise ConfigError unless each end of each `tune.space` range (each choice) is a valid
+    value of its lever, as the section that holds the lever validates it."""
+    for name, choices in config.tune.space:
+        if choices is None:
+            continue
+        key = f"tune.space.{name}"
+        section, leaf = _lever(config, LEVERS[name])
+        for value in choices:
+            try:
+                type(section).model_validate({**section.model_dump(), leaf: value})
+            except ValidationError as e:
+                raise _fail(
+                    where,
+                    key,
+                    f"{key} = {list(choices)}: {value!r} is not a valid {LEVERS[name]} "
+                    f"({e.errors()[0]['msg']})",
+                ) from None
+
+
+def check_runtime(config: Config, where: Where = _params) -> None:
+    """Raise ConfigError when train.accelerator/devices ask for devices this machine lacks.
+
+    torch is imported only when the answer depends on the hardware (a GPU or MPS accelerator,
+    or several devices under auto), so `cnnops show-config` of a CPU config stays quick."""
+    t = config.train
+    several = isinstance(t.devices, int) and t.devices > 1
+    if t.accelerator == "cpu" or (t.accelerator == "auto" and not several):
+        return
+    import torch
+
+    gpus = torch.cuda.device_count()  # NVML where it can: CUDA itself stays uninitialized
+    shown = f"train.accelerator = {t.accelerator!r}"
+    if t.accelerator in ("gpu", "cuda") and gpus == 0:
+        raise _fail(
+            where, "train.accelerator", f"{shown}: this machine has no CUDA GPU; use auto or cpu"
+        )
+    if t.accelerator == "mps" and not torch.backends.mps.is_available():
+        raise _fail(where, "train.accelerator", f"{shown}: MPS is not available; use auto or cpu")
+    limit, kind = (gpus, "CUDA GPU(s)") if t.accelerator != "mps" else (1, "MPS device")
+    if t.accelerator == "auto" and gpus == 0:
+        return  # auto is the CPU here: several devices are CPU processes under ddp
+    if isinstance(t.devices, int) and t.devices > limit:
+        raise _fail(
+            where,
+            "train.devices",
+            f"train.devices = {t.devices}: more than the {limit} {kind} here "
+            f"({shown}); use at most {limit}, or auto",
+        )
+
+
+_LEADING_KEY = re.compile(r"^([A-Za-z_][\w.\[\]]*) = ")
 
 
 def load_config(path: Path = Path("params.yaml"), overrides: list[str] | None = None) -> Config:
-    """Load and validate params.yaml plus `--set` overrides; raise ConfigError naming the key."""
+    """Load and validate params.yaml plus `--set` overrides; raise ConfigError naming the key
+    and where its value came from (the file, or the `--set` that assigned it)."""
+    overrides = list(overrides or [])
     data = read_params(path)
-    for assignment in overrides or []:
+    for assignment in overrides:
         apply_override(data, assignment)
+    where = _where(path, overrides)
     try:
         config = Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_error(str(path), data, e)) from None
+        raise ConfigError(_format_error(where, e)) from None
+    check_paths(config.paths, path.parent, where)
+    check_space(config, where)
     from cnnops.models import check_architecture
 
-    check_architecture(config)
-    if config.augment.transforms:  # only then is Albumentations worth importing
-        from cnnops.augment import check_spec
+    try:
+        check_architecture(config)
+        if config.augment.transforms:  # only then is Albumentations worth importing
+            from cnnops.augment import check_spec
 
-        check_spec(config.augment)
+            check_spec(config.augment)
+    except ConfigError as e:  # these name the key first: say where its value came from
+        found = _LEADING_KEY.match(str(e))
+        if found:
+            raise ConfigError(f"{where(found.group(1))}: {e}") from None
+        raise
+    check_runtime(config, where)
     return config
 
 

@@ -57,6 +57,15 @@ class Classifier(L.LightningModule):
         )
         self.automatic_optimization = False
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Random states ride in the checkpoint, so a resumed run draws what an uninterrupted
+        one would have (dropout, noise, batched augmentation)."""
+        checkpoint["cnnops_rng"] = rng_state(self.gpu_augment, cuda=self.graph_step is None)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "cnnops_rng" in checkpoint:
+            set_rng_state(checkpoint["cnnops_rng"], self.gpu_augment)
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 pixels → standardized floats; float input is taken as already standardized."""
         if x.dtype == torch.uint8:
@@ -240,3 +249,36 @@ class Classifier(L.LightningModule):
                 optimizer, [warmup, cosine], [sched.warmup_epochs]
             )
         return None
+
+
+def rng_state(augment: torch.nn.Module | None, cuda: bool = True) -> dict[str, Any]:
+    """Every random state training draws from, in types a `weights_only` load accepts."""
+    import random
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)  # type: ignore[misc]
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+    if cuda and torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    generators = getattr(augment, "generators", None)
+    if generators is not None:
+        state["augment"] = [g.get_state() for g in generators()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any], augment: torch.nn.Module | None) -> None:
+    import random
+
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get("augment") or []
+    if augment is not None and saved:
+        augment.restore_generators(saved)  # type: ignore[operator]

@@ -11,8 +11,10 @@ import numpy as np
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    """Written whole or not at all (a killed stage never leaves half a metrics file)."""
+    from cnnops.runs import write_bytes
+
+    write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -191,3 +193,25 @@ def plot_misclassified(
         ax.set_title(f"{classes[y[k]]} → {classes[y_pred[k]]}", fontsize=8)
     fig.suptitle(f"misclassified: {len(x)}" + (f" (first {n})" if n < len(x) else ""))
     _save(fig, path)
+
+
+def png_data_uri(path: Path, scale: float = 1.0) -> str | None:
+    """`path` as a `data:image/png;base64,...` URI (the picture travels inside the text that
+    shows it), redrawn at `scale` of its size when below 1 to keep that text short; None when
+    the file is missing or is not a PNG."""
+    import base64
+    import io
+
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return None
+    if scale < 1.0:
+        from matplotlib import image
+
+        _pyplot()  # the Agg backend
+        stream = io.BytesIO()
+        image.thumbnail(io.BytesIO(data), stream, scale=scale)
+        data = stream.getvalue()
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")

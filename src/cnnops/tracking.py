@@ -1,17 +1,83 @@
-"""The one module that talks to MLflow; the rest of the code logs through a `Tracker`."""
+"""The one module that talks to MLflow; the rest of the code logs through a `Tracker`.
+
+A tracking server that is down fails a stage at its start, within seconds, with one line
+(`check_reachable`). One that goes away mid-run does not stop training: the tracker keeps what
+it could not send and replays it when the run closes; if the server is still away then, the
+stage's outputs are kept and it fails with one line naming the run (`TrackingError`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+from cnnops.errors import CnnopsError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
     from cnnops.config import Mlflow
+
+# MLflow's defaults retry an unreachable server for minutes (7 retries, backoff 2, 120 s
+# timeout). A user's own settings win.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+for _key, _value in HTTP_DEFAULTS.items():
+    os.environ.setdefault(_key, _value)
+
+
+class TrackingError(CnnopsError):
+    """The MLflow tracking server cannot be reached."""
+
+
+def first_line(error: BaseException) -> str:
+    """An exception as one short line: MLflow's and requests' messages run to pages."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200] if lines else ''}".rstrip(": ")
+
+
+def _uri_source(cfg: Mlflow) -> str:
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return f"MLFLOW_TRACKING_URI={tracking_uri(cfg)}"
+    return f"mlflow.tracking_uri = {tracking_uri(cfg)}"
+
+
+def check_reachable(cfg: Mlflow, timeout: float = 4.0) -> None:
+    """Fail fast, with one line, when the tracking server does not answer (http(s) only: the
+    embedded stores are files)."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    uri = tracking_uri(cfg)
+    if not uri.startswith(("http://", "https://")):
+        return
+    error: BaseException | None = None
+    for attempt in range(2):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers: a server without /health, or behind auth, is still up
+        except OSError as e:
+            error = e
+            if attempt == 0:
+                time.sleep(1.0)
+    assert error is not None
+    reason = getattr(error, "reason", error)
+    raise TrackingError(
+        f"{_uri_source(cfg)}: the MLflow tracking server does not answer ({reason}); start "
+        "it, or unset MLFLOW_TRACKING_URI to use the embedded store"
+    )
 
 
 class Tracker(Protocol):
@@ -74,7 +140,10 @@ def experiment_id(c: MlflowClient, cfg: Mlflow) -> str:
 
 class MlflowTracker:
     """One MLflow run; metrics go out asynchronously and are flushed on `close`. As a context
-    manager it closes the run FINISHED, or FAILED when the block raises."""
+    manager it closes the run FINISHED, KILLED when a signal stopped the block, or FAILED.
+
+    If the server stops answering mid-run, calls are kept instead of raised, and replayed in
+    order at `close`; `close` raises TrackingError when the server is still away then."""
 
     def __init__(
         self,
@@ -84,12 +153,14 @@ class MlflowTracker:
         tags: dict[str, str] | None = None,
         run_id: str | None = None,
     ) -> None:
+        self.cfg = cfg
         self.client = client(cfg)
         self._pending: list[Any] = []
         self._sender: Any = None
-        if run_id:  # reopen an existing run, e.g. a study's parent run on resume
+        self._backlog: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+        self.down: str | None = None  # why the server stopped answering, while it does not
+        if run_id and self._reopen(run_id):  # e.g. a study's parent run, or a resumed training
             self.run_id: str = run_id
-            self.client.update_run(run_id, status="RUNNING")
             self.set_tags(tags or {})
             return
         all_tags = dict(tags or {})
@@ -100,18 +171,53 @@ class MlflowTracker:
         )
         self.run_id = run.info.run_id
 
+    def _reopen(self, run_id: str) -> bool:
+        """Mark `run_id` RUNNING again; False when this store does not hold it."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.update_run(run_id, status="RUNNING")
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
+        return True
+
     def __enter__(self) -> MlflowTracker:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
-        self.close("FINISHED" if kind is None else "FAILED")
+        from cnnops.runs import Interrupted
+
+        if kind is None:
+            self.close("FINISHED")
+            return
+        with contextlib.suppress(TrackingError):  # the block's own exception says more
+            self.close("KILLED" if issubclass(kind, Interrupted) else "FAILED")
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Call the store; when it is down, keep the call for `close` to replay."""
+        if self.down is not None:
+            self._backlog.append((fn, args))
+            return
+        try:
+            fn(*args)
+        except Exception as e:  # requests, MLflow and OS errors alike mean: not recorded
+            self.down = first_line(e)
+            self._backlog.append((fn, args))
+            print(
+                f"warning: MLflow run {self.run_id} not recorded ({self.down}); training "
+                "goes on and the run is replayed when it ends",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+            self._call(self.client.log_batch, self.run_id, [], items[i : i + 100])
 
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
         """The numbers of `metrics`; other values (None, text) are not metrics and stay out."""
@@ -130,31 +236,56 @@ class MlflowTracker:
         # store. (MLflow's `synchronous=False` queue costs a fixed second at every run's end: its
         # worker polls with a one-second timeout before it can be joined.)
         self._sender = self._sender or ThreadPoolExecutor(1, thread_name_prefix="cnnops-mlflow")
-        self._pending.append(self._sender.submit(self.client.log_batch, self.run_id, metrics=batch))
+        self._pending.append(
+            self._sender.submit(self._call, self.client.log_batch, self.run_id, batch)
+        )
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), folder)
+        self._call(self.client.log_artifact, self.run_id, str(path), folder)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        tags_ = [RunTag(k, str(v)) for k, v in tags.items()]
+        self._call(self.client.log_batch, self.run_id, [], [], tags_)
 
-    def close(self, status: str = "FINISHED") -> None:
+    def flush(self) -> None:
+        """Wait until every metric batch handed to the sender thread was sent (or kept)."""
         for sent in self._pending:
             sent.result()
         self._pending.clear()
+
+    def close(self, status: str = "FINISHED") -> None:
+        self.flush()
         if self._sender is not None:
             self._sender.shutdown()
             self._sender = None
-        self.client.set_terminated(self.run_id, status)
+        try:
+            while self._backlog:  # what the server missed, in the order it happened
+                fn, args = self._backlog[0]
+                fn(*args)
+                self._backlog.pop(0)
+            self.client.set_terminated(self.run_id, status)
+        except Exception as e:
+            raise TrackingError(
+                f"{_uri_source(self.cfg)}: MLflow run {self.run_id} is incomplete: the server "
+                f"went away ({first_line(e)}); the stage's outputs are kept, rerun it when the "
+                "server is back"
+            ) from None
+        self.down = None
 
 
 def end_run(cfg: Mlflow, run_id: str, status: str, tags: dict[str, str]) -> None:
-    """Tag and terminate a run left open by a process that died."""
+    """Tag and terminate a run left RUNNING by a process that died (if this store holds it)."""
     from mlflow.entities import RunTag
+    from mlflow.exceptions import MlflowException
 
     c = client(cfg)
+    try:
+        if c.get_run(run_id).info.status != "RUNNING":
+            return
+    except MlflowException:
+        return  # not in this store
     c.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
     c.set_terminated(run_id, status)
 

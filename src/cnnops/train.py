@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import shutil
+import io
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -13,12 +13,16 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from cnnops import runs
 from cnnops.config import Config, Train, dump_config, flatten
 from cnnops.data.datamodule import ImageData
 from cnnops.data.prepare import Prepared
-from cnnops.errors import ConfigError, DataError
+from cnnops.errors import ConfigError
 from cnnops.module import Classifier
+from cnnops.runs import rank_zero
 from cnnops.tracking import NullTracker, Tracker
 
 CURVE_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc")
@@ -41,6 +45,33 @@ class Curves(Callback):
             self.tracker.log_metrics(
                 {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])
             )
+
+    # The rows so far ride in every checkpoint: a resumed run reports the whole curve.
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = list(state_dict["rows"])
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written whole or not at all: a killed run never leaves a torn file."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        runs.write_bytes(Path(path), buffer.getvalue())
+
+
+class StopOnSignal(Callback):
+    """SIGINT (held by `runs.deferred_signals` during fit) stops training at the next batch the
+    way Lightning stops on SIGTERM: every DDP rank at the same step, the last checkpoint whole."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
+        if runs.pending_signal() is not None:
+            trainer._signal_connector.received_sigterm = True
 
 
 @dataclass
@@ -124,8 +155,13 @@ def train(
     out_dir: Path,
     tracker: Tracker | None = None,
     callbacks: list[Callback] | None = None,
+    resume: Path | None = None,
 ) -> TrainResult:
-    """Train `config.model` on `prepared`; checkpoints (best and last) land in `out_dir`."""
+    """Train `config.model` on `prepared`; checkpoints land in `out_dir`: best.ckpt, and
+    last.ckpt at the end of every epoch. `resume` (a last.ckpt) continues that run where it
+    stopped: weights, optimizer, schedule, early stopping, epoch, curves and random state.
+
+    SIGTERM or SIGINT stops training at the next batch and raises `runs.Interrupted`."""
     t = config.train
     L.seed_everything(t.seed, workers=True, verbose=False)
     if torch.cuda.is_available():
@@ -134,15 +170,20 @@ def train(
     monitor = t.early_stopping.monitor
     mode = "max" if monitor.endswith("acc") else "min"
     curves = Curves(tracker)
-    checkpoint = ModelCheckpoint(
+    # Both save at the end of each training epoch, after `curves` has its row (Lightning runs
+    # checkpoint callbacks last): a checkpoint always holds the whole curve up to its epoch.
+    best_ckpt = ModelCheckpoint(
         dirpath=out_dir,
         filename="best",
         monitor=monitor,
         mode=mode,
-        save_last=True,
+        save_on_train_epoch_end=True,
         enable_version_counter=False,
     )
-    all_callbacks: list[Callback] = [curves, checkpoint, *(callbacks or [])]
+    last = ModelCheckpoint(
+        dirpath=out_dir, filename="last", save_on_train_epoch_end=True, enable_version_counter=False
+    )
+    all_callbacks: list[Callback] = [curves, best_ckpt, last, StopOnSignal(), *(callbacks or [])]
     if t.early_stopping.enabled:
         stopper = EarlyStopping(
             monitor=monitor,
@@ -161,6 +202,7 @@ def train(
         deterministic=t.deterministic,
         logger=False,
         callbacks=all_callbacks,
+        plugins=[AtomicCheckpointIO()],
         default_root_dir=out_dir,
         num_sanity_val_steps=0,
         enable_progress_bar=sys.stderr.isatty(),
@@ -169,8 +211,6 @@ def train(
         benchmark=False,
     )
     graphs = use_cuda_graphs(t, trainer)  # a setting that cannot apply fails before any output goes
-    if rank_zero():  # stale checkpoints from an earlier run must not pass for this run's best
-        shutil.rmtree(out_dir, ignore_errors=True)
     module = build_module(config, prepared)
     if t.channels_last and torch.cuda.is_available() and t.accelerator != "cpu":
         module = module.to(memory_format=torch.channels_last)  # NHWC convolutions on tensor cores
@@ -189,11 +229,17 @@ def train(
         num_workers=t.num_workers,
     )
     started = time.perf_counter()
-    trainer.fit(module, datamodule=data)
+    # Signals wait for a batch boundary (Lightning's SIGTERM handling, StopOnSignal for SIGINT).
+    with runs.deferred_signals(raise_after=False):
+        try:
+            trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
+        except SIGTERMException:
+            raise runs.Interrupted(runs.pending_signal() or signal.SIGTERM) from None
+        runs.clear_pending()  # training finished: a signal during its last moments is moot
     elapsed = time.perf_counter() - started
     if trainer.is_global_zero and config.augment.transforms:
         # Written after fit: Lightning warns about a non-empty checkpoint folder before it.
-        tracker.log_artifact(save_pipeline(config, prepared, out_dir))
+        save_pipeline(config, prepared, out_dir)
     best = best_row(curves.rows, monitor)
     metrics = {
         "best_epoch": int(best.get("epoch", 0)),
@@ -220,12 +266,6 @@ def save_pipeline(config: Config, prepared: Prepared, out_dir: Path) -> Path:
     return path
 
 
-def load_classifier(path: Path, map_location: str | torch.device = "cpu") -> Classifier:
-    if not path.is_file():
-        raise DataError(f"{path}: checkpoint missing; run `cnnops train` first")
-    return Classifier.load_from_checkpoint(path, map_location=map_location, weights_only=True)
-
-
 def quiet_lightning() -> None:
     """Keep Lightning's start-up banners and tips out of a stage's output (and DVC's logs)."""
     import logging
@@ -234,60 +274,106 @@ def quiet_lightning() -> None:
     # Lightning sets its own log level when imported; this module has imported it already.
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*(on_after_batch_transfer|LeafSpec).*")
-
-
-def rank_zero() -> bool:
-    """True in the process that owns outputs: the only one, or rank 0 of a DDP launch."""
-    return all(int(os.environ.get(k, 0)) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+    # The run's own folder: it holds the run's state and, on resume, its earlier checkpoints.
+    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
 
 
 def train_stage(config: Config) -> dict[str, Any]:
-    """`cnnops train`: train, write reports, and record the run in MLflow with its provenance."""
-    from cnnops import reports, tracking
+    """`cnnops train`: train into `models/train.partial`, resuming an interrupted run of the same
+    config and data there; when it finishes, replace `models/train`, write the reports and
+    close the MLflow run (the same run across resumes)."""
+    from cnnops import tracking
     from cnnops.data import prepare
 
     quiet_lightning()
+    runs.die_with_parent()  # `dvc repro` killed: stop too, resumable, instead of training on
     paths = config.paths
+    out = paths.models / "train"
     prepared = prepare.load(paths.prepared)
-    if not rank_zero():  # DDP re-launches this command per rank; only rank 0 records anything
-        return train(config, prepared, paths.models / "train").metrics
-    with tracking.MlflowTracker(
-        config.mlflow, run_name="train", tags={"cnnops.stage": "train"}
-    ) as tracker:
-        tracker.log_params(flatten(config))
-        tracker.set_tags(
-            {
-                "git.commit": tracking.git_commit(),
-                **tracking.environment(),
-                **tracking.dvc_hashes([paths.prepared]),
-            }
-        )
-        result = train(config, prepared, paths.models / "train", tracker)
-        metrics = result.metrics
-        reports.write_json(paths.reports / "train.json", metrics)
-        reports.write_json(
-            result.best_checkpoint.parent / "run.json", {"mlflow_run_id": tracker.run_id, **metrics}
-        )
-        reports.write_csv(paths.reports / "train_curves.csv", result.curves)
-        reports.plot_curves(
-            result.curves,
-            paths.reports / "train_curves.png",
-            f"{config.model.name} on {config.fetch.source}",
-        )
-        resolved = paths.reports / "config.resolved.yaml"
-        resolved.write_text(dump_config(config))
-        for path in (
-            resolved,
-            paths.reports / "train_curves.png",
-            paths.reports / "train_curves.csv",
-        ):
-            tracker.log_artifact(path)
-        if config.augment.transforms:
-            from cnnops.augment import write_preview
+    fingerprint = runs.fingerprint(dump_config(config), [paths.prepared])
+    if not rank_zero():  # DDP re-launches this command per rank; rank 0 owns every output
+        work = out.with_name(out.name + ".partial")
+        found = runs.read_json(work / runs.Staging.STATE) or {}
+        resume = work / "last.ckpt" if found.get("fingerprint") == fingerprint else None
+        return train(config, prepared, work, resume=_existing(resume)).metrics
+    with runs.exclusive(out, "cnnops train"):
+        staging = runs.Staging(out, "train", fingerprint)
+        resume = _existing(staging.work / "last.ckpt")
+        done = _epoch_of(resume) if resume else 0
+        stale = (staging.previous or {}).get("mlflow_run_id")
+        if stale and not staging.resumable:  # a killed run of other settings: it ends here
+            tracking.end_run(config.mlflow, stale, "KILLED", {"cnnops.ended": "superseded"})
+        run_id = staging.state.get("mlflow_run_id") if staging.resumable else None
+        tags = {"cnnops.stage": "train"}
+        with tracking.MlflowTracker(config.mlflow, "train", tags=tags, run_id=run_id) as tracker:
+            if tracker.run_id != run_id:  # a new run
+                tracker.log_params(flatten(config))
+                tracker.set_tags(
+                    {
+                        "git.commit": tracking.git_commit(),
+                        **tracking.environment(),
+                        **tracking.dvc_hashes([paths.prepared]),
+                    }
+                )
+            if done:
+                tracker.set_tags({"cnnops.resumed_after_epoch": str(done)})
+            staging.update(mlflow_run_id=tracker.run_id)
+            try:
+                result = train(config, prepared, staging.work, tracker, resume=resume)
+            except runs.Interrupted as e:
+                e.detail = _resume_hint(staging.work / "last.ckpt")
+                raise
+            with runs.deferred_signals():  # outputs, reports and run records change together
+                _publish(config, prepared, result, staging, tracker)
+    return result.metrics
 
-            preview = paths.models / "train" / "augment_preview.png"
-            tracker.log_artifact(
-                write_preview(config.augment, prepared.x["train"], preview, seed=config.train.seed)
-            )
-        tracker.log_metrics(metrics, step=metrics["epochs_run"])
-    return metrics
+
+def _existing(path: Path | None) -> Path | None:
+    return path if path is not None and path.is_file() else None
+
+
+def _epoch_of(checkpoint: Path) -> int:
+    """Epochs finished in `checkpoint`; an unreadable one is a DataError naming it."""
+    from cnnops.checkpoints import load_checkpoint
+
+    return int(load_checkpoint(checkpoint).get("epoch", -1)) + 1
+
+
+def _resume_hint(last: Path) -> str:
+    if not last.is_file():
+        return "no epoch had finished; rerun `cnnops train` to start over"
+    return (
+        f"rerun `cnnops train` (or `dvc repro`) to resume after epoch {_epoch_of(last)} from {last}"
+    )
+
+
+def _publish(
+    config: Config, prepared: Prepared, result: TrainResult, staging: runs.Staging, tracker: Any
+) -> None:
+    """Swap the finished run in for `models/train`, then write and log the reports."""
+    from cnnops import reports
+
+    paths, metrics = config.paths, result.metrics
+    out = staging.out
+    reports.write_json(staging.work / "run.json", {"mlflow_run_id": tracker.run_id, **metrics})
+    staging.commit()
+    reports.write_json(paths.reports / "train.json", metrics)
+    reports.write_csv(paths.reports / "train_curves.csv", result.curves)
+    reports.plot_curves(
+        result.curves,
+        paths.reports / "train_curves.png",
+        f"{config.model.name} on {config.fetch.source}",
+    )
+    resolved = paths.reports / "config.resolved.yaml"
+    resolved.write_text(dump_config(config))
+    for path in (resolved, paths.reports / "train_curves.png", paths.reports / "train_curves.csv"):
+        tracker.log_artifact(path)
+    if config.augment.transforms:
+        from cnnops.augment import write_preview
+
+        tracker.log_artifact(out / "transforms.json")
+        preview = write_preview(
+            config.augment, prepared.x["train"], out / "augment_preview.png", seed=config.train.seed
+        )
+        tracker.log_artifact(preview)
+    tracker.log_metrics(metrics, step=metrics["epochs_run"])

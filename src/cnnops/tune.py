@@ -20,29 +20,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-
-from cnnops import studies
-from cnnops.config import Config
-from cnnops.errors import CnnopsError, ConfigError
+from cnnops import runs, studies
+from cnnops.config import LEVERS, LOG_SCALE, Config
+from cnnops.errors import CnnopsError
 
 if TYPE_CHECKING:
     import optuna
 
     from cnnops.data.prepare import Prepared
 
-# The search space: each lever's config key. YAML gives only the ranges (tune.space).
-LEVERS = {
-    "dropout_conv": "model.dropout_conv",
-    "dropout_fc": "model.dropout_fc",
-    "weight_decay": "train.optimizer.weight_decay",
-    "l1": "train.l1",
-    "batch_norm": "model.batch_norm",
-    "noise_std": "model.noise_std",
-    "augment_strength": "augment.strength",
-    "lr": "train.optimizer.lr",
-}
-LOG_SCALE = {"weight_decay", "lr"}  # values spanning decades
 POLL_S = 2.0
 BASELINE_KEY = "cnnops.baseline"  # user attribute of the trial that runs params' own values
 
@@ -98,19 +84,6 @@ def apply(config: Config, params: dict[str, Any]) -> Config:
     return Config.model_validate(data)
 
 
-def check_space(config: Config) -> None:
-    """Fail before any training if a range's end is not a valid value of its lever."""
-    for name, choices in active_levers(config).items():
-        for value in choices:
-            try:
-                apply(config, {name: value})
-            except ValidationError as e:
-                raise ConfigError(
-                    f"tune.space.{name} = {list(choices)}: {value!r} is not a "
-                    f"valid {LEVERS[name]}: {e.errors()[0]['msg']}"
-                ) from None
-
-
 @dataclass(frozen=True)
 class Job:
     """What a worker needs; picklable, so it crosses into spawned worker processes."""
@@ -153,6 +126,9 @@ def child_run(job: Job, trial: optuna.Trial, params: dict[str, Any]) -> Iterator
     except optuna.TrialPruned:
         _end(tracker, "pruned", "KILLED")
         raise
+    except runs.Interrupted:
+        _end(tracker, "interrupted", "KILLED")
+        raise
     except BaseException:
         _end(tracker, "failed", "FAILED")
         raise
@@ -165,7 +141,8 @@ def _end(tracker: Any, state: str, status: str) -> None:
 
 
 def objective(trial: optuna.Trial, job: Job, prepared: Prepared) -> float:
-    """Sample the levers, train with them through the train stage's `train()`, score on val."""
+    """Sample the levers, train with them through the train stage's `train()`, score on val.
+    A retry of an interrupted trial resumes from that trial's last checkpoint."""
     from optuna_integration import PyTorchLightningPruningCallback
 
     from cnnops.train import train
@@ -173,9 +150,15 @@ def objective(trial: optuna.Trial, job: Job, prepared: Prepared) -> float:
     metric = job.config.tune.metric
     params = sample(trial, job.config)
     config = apply(job.config, params)
+    resume = resume_point(trial, job)
     with child_run(job, trial, params) as tracker:
+        if resume is not None:
+            tracker.set_tags({"cnnops.resumed_from": str(resume)})
         pruning = PyTorchLightningPruningCallback(trial, monitor=metric)
-        result = train(config, prepared, trial_dir(job, trial.number), tracker, [pruning])
+        out = trial_dir(job, trial.number)
+        result = train(config, prepared, out, tracker, [pruning], resume=resume)
+        if config.augment.transforms:
+            tracker.log_artifact(out / "transforms.json")
         tracker.log_metrics(result.metrics, step=result.metrics["epochs_run"])
     result.last_checkpoint.unlink(missing_ok=True)
     trial.set_user_attr("metrics", result.metrics)
@@ -184,6 +167,16 @@ def objective(trial: optuna.Trial, job: Job, prepared: Prepared) -> float:
     if value is None:
         raise RuntimeError(f"the trial logged no {metric}")
     return float(value)
+
+
+def resume_point(trial: optuna.Trial, job: Job) -> Path | None:
+    """The last checkpoint of the latest earlier attempt of this trial's params, if any."""
+    frozen = trial.study.get_trials(deepcopy=False)[trial.number]
+    for number in reversed(frozen.system_attrs.get("retry_history", [])):
+        last = trial_dir(job, number) / "last.ckpt"
+        if last.is_file():
+            return last
+    return None
 
 
 def on_stale(config: Config) -> Callable[[Any, Any], None]:
@@ -282,8 +275,10 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, job: Job, prepared: Prep
             traceback.print_exc()
             study.tell(trial, state=TrialState.FAIL)
             return
-        except BaseException:
-            study.tell(trial, state=TrialState.FAIL)
+        except BaseException:  # a signal: the trial runs again, from its last checkpoint
+            with runs.deferred_signals(raise_after=False):
+                study.tell(trial, state=TrialState.FAIL)
+                on_stale(job.config)(study, study.trials[trial.number])
             raise
     study.tell(trial, value)  # a NaN value is recorded as FAIL by Optuna
 
@@ -351,13 +346,23 @@ def pin_gpu(worker: int) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[worker % len(gpus)]
 
 
+def _worker_process(job: Job) -> None:
+    """A spawned worker: stops with its parent, and on a signal like `cnnops tune` itself."""
+    runs.die_with_parent()
+    with runs.interruptible():
+        try:
+            run_worker(job)
+        except runs.Interrupted as e:
+            sys.exit(e.exit_code)
+
+
 def run_workers(job: Job, workers: int, on_poll: Callable[[], None]) -> None:
     """`workers` processes on this machine (sharing its GPU, if any) work on one study."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     procs = [
-        ctx.Process(target=run_worker, args=(replace(job, worker=i, workers=workers),))
+        ctx.Process(target=_worker_process, args=(replace(job, worker=i, workers=workers),))
         for i in range(workers)
     ]
     for p in procs:
@@ -367,8 +372,14 @@ def run_workers(job: Job, workers: int, on_poll: Callable[[], None]) -> None:
             on_poll()
             time.sleep(1.0)
     except BaseException:
-        for p in procs:
-            p.terminate()
+        # Each worker stops at a batch boundary and re-enqueues its trial; wait for that.
+        with runs.deferred_signals(raise_after=False):
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                p.join(timeout=120)
+                if p.is_alive():
+                    p.kill()
         raise
     failed = [p.exitcode for p in procs if p.exitcode]
     if failed:

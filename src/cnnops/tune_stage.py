@@ -7,6 +7,7 @@ models/tune/{best.ckpt, run.json}, the same contract as models/train for the reg
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -14,8 +15,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cnnops import studies, tune
-from cnnops.config import Config, dump_yaml
+from cnnops import runs, studies, tune
+from cnnops.config import LEVERS, Config, dump_yaml
 from cnnops.errors import CnnopsError, DataError
 
 if TYPE_CHECKING:
@@ -46,36 +47,49 @@ class Progress:
 
 
 def tune_stage(config: Config, workers: int | None = None) -> dict[str, Any]:
-    """Run (or resume) the study until it has `tune.n_trials` finished trials; write outputs."""
+    """Run (or resume) the study until it has `tune.n_trials` finished trials; write outputs.
+
+    SIGTERM/SIGINT stop every worker at a batch boundary; each running trial is failed and
+    queued again, and the rerun resumes it from its last checkpoint."""
+
     tune.quiet()
-    tune.check_space(config)
-    timeout = config.tune.timeout
-    job = tune.Job(
-        config,
-        studies.study_name(config, config.paths.prepared),
-        studies.storage_url(config),
-        deadline=time.time() + timeout if timeout else None,
-    )
-    study = tune.open_study(job)
-    parent = parent_run(job, study)
-    job = replace(job, parent_run_id=parent.run_id)
-    progress = Progress(config.tune.n_trials, config.tune.metric)
-    with parent:
-        try:
-            workers = workers or config.tune.workers
-            if workers == 1:
-                tune.run_worker(job, on_trial=progress.update)
-            else:
-                tune.run_workers(job, workers, on_poll=lambda: progress.update(study))
-            progress.update(study)
-        finally:
-            progress.close()
-        summary = write_outputs(config, study)
-        parent.log_metrics(summary, step=len(study.trials))
-        parent.set_tags({"best_trial.run_id": summary["mlflow_run_id"]})
-        folder = config.paths.reports / "tune"
-        for path in sorted(folder.iterdir()):
-            parent.log_artifact(path, "tune")
+    runs.die_with_parent()
+    with runs.exclusive(config.paths.models / "tune", "cnnops tune"):
+        timeout = config.tune.timeout
+        job = tune.Job(
+            config,
+            studies.study_name(config, config.paths.prepared),
+            studies.storage_url(config),
+            deadline=time.time() + timeout if timeout else None,
+        )
+        study = tune.open_study(job)
+        parent = parent_run(job, study)
+        job = replace(job, parent_run_id=parent.run_id)
+        progress = Progress(config.tune.n_trials, config.tune.metric)
+        with parent:
+            try:
+                workers = workers or config.tune.workers
+                if workers == 1:
+                    tune.run_worker(job, on_trial=progress.update)
+                else:
+                    tune.run_workers(job, workers, on_poll=lambda: progress.update(study))
+                progress.update(study)
+            except runs.Interrupted as e:
+                c = tune.counts(study)
+                e.detail = (
+                    f"{c['complete'] + c['pruned']} of {config.tune.n_trials} trials finished; "
+                    "rerun `cnnops tune` (or `dvc repro`) to resume the study"
+                )
+                raise
+            finally:
+                progress.close()
+            with runs.deferred_signals():
+                summary = write_outputs(config, study)
+                parent.log_metrics(summary, step=len(study.trials))
+                parent.set_tags({"best_trial.run_id": summary["mlflow_run_id"]})
+                folder = config.paths.reports / "tune"
+                for path in sorted(folder.iterdir()):
+                    parent.log_artifact(path, "tune")
     return summary
 
 
@@ -119,7 +133,9 @@ def write_outputs(config: Config, study: optuna.Study) -> dict[str, Any]:
             f"{checkpoint}: best trial {best.number}'s checkpoint is not on this "
             "machine; run `cnnops tune` where it ran, or share paths.models"
         )
-    shutil.copy2(checkpoint, models / "best.ckpt")
+    copy = models / ".best.ckpt.tmp"
+    shutil.copy2(checkpoint, copy)
+    os.replace(copy, models / "best.ckpt")  # never half a checkpoint under the final name
     metrics = best.user_attrs.get("metrics", {})
     run_id = best.user_attrs.get("mlflow_run_id")
     reports.write_json(
@@ -155,7 +171,7 @@ def write_outputs(config: Config, study: optuna.Study) -> dict[str, Any]:
 
 def write_best_params(path: Path, config: Config, study: optuna.Study) -> None:
     best = study.best_trial
-    overrides = {tune.LEVERS[k]: v for k, v in best.params.items()}
+    overrides = {LEVERS[k]: v for k, v in best.params.items()}
     data = {
         "study": study.study_name,
         "metric": config.tune.metric,

@@ -26,6 +26,10 @@ class EpochSampler(Sampler[tuple[int, int]]):
     def __len__(self) -> int:
         return self.n
 
+    def set_epoch(self, epoch: int) -> None:
+        """Lightning calls this before each epoch, so a resumed run draws that epoch's order."""
+        self.epoch = epoch
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         epoch, self.epoch = self.epoch, self.epoch + 1

@@ -3,7 +3,7 @@ augmentation spec has transforms, a DataLoader whose workers augment each traini
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import lightning as L
@@ -34,8 +34,12 @@ class TensorBatches:
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = False,
+        epoch_of: Callable[[], int] | None = None,
     ) -> None:
         self.x, self.y = x, y
+        # Where the epoch number comes from (the trainer's), so a run resumed at epoch k draws
+        # epoch k's permutation; without it, epochs are counted from 0 here.
+        self.epoch_of = epoch_of
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch = 0
@@ -54,6 +58,8 @@ class TensorBatches:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.epoch_of is not None:
+            self.epoch = self.epoch_of()
         idx = self._indices()
         self.epoch += 1
         for start in range(0, len(self) * self.batch_size, self.batch_size):
@@ -114,6 +120,7 @@ class ImageData(L.LightningDataModule):
             rank=rank,
             world_size=world,
             drop_last=world > 1,
+            epoch_of=lambda: self.trainer.current_epoch if self.trainer else 0,
         )
 
     def _augmented(self) -> DataLoader:

@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from cnnops.data.sources import atomic_dir, load_raw
+from cnnops.data.sources import load_raw
 from cnnops.errors import DataError
+from cnnops.runs import atomic_dir, check_replaceable
 
 if TYPE_CHECKING:
     from cnnops.config import Config
@@ -84,7 +85,7 @@ def split(config: Config, raw: Path) -> Prepared:
 
 
 def save(prepared: Prepared, out: Path) -> None:
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "prepare") as tmp:
         for name in SPLITS:
             np.save(tmp / f"{name}_x.npy", np.ascontiguousarray(prepared.x[name]))
             np.save(tmp / f"{name}_y.npy", prepared.y[name])
@@ -133,6 +134,7 @@ def summary(prepared: Prepared) -> dict:
 
 
 def prepare(config: Config, raw: Path, out: Path, report: Path) -> dict:
+    check_replaceable(out, "prepare")  # before the work, not after it
     prepared = split(config, raw)
     save(prepared, out)
     stats = summary(prepared)

@@ -9,15 +9,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import os
 import pickle
 import shutil
 import tarfile
-import tempfile
 import urllib.request
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -26,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cnnops.errors import DataError
+from cnnops.runs import atomic_dir
 
 if TYPE_CHECKING:
     from cnnops.config import Config, Fetch
@@ -121,20 +118,6 @@ def input_size(config: Config) -> int:
     return config.prepare.image_size or NATIVE_SIZE[config.fetch.source]
 
 
-@contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a scratch folder that replaces `target` only if the block succeeds."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        yield scratch
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(scratch, target)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
 def _open_url(url: str) -> bytes:
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
@@ -186,7 +169,7 @@ def verify(file: RemoteFile, blob: bytes, origin: str) -> bytes:
 
 def fetch(spec: Fetch, raw: Path) -> None:
     """Bring the source's files into `raw/`, verified; `raw/` is replaced only on success."""
-    with atomic_dir(raw) as out:
+    with atomic_dir(raw, "fetch") as out:
         if spec.source == "digits":
             with resources.files("cnnops.data").joinpath("digits.npz").open("rb") as f:
                 (out / "digits.npz").write_bytes(f.read())

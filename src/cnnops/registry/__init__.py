@@ -11,15 +11,20 @@ from cnnops.registry.register import Candidate, find_candidates, pick, register
 from cnnops.registry.store import (
     CHALLENGER,
     CHAMPION,
+    CHECKPOINT_SHA256,
+    ORIGIN_RUN_ID,
     connect,
     load_model,
     require_alias,
+    verified_model,
     version_by_alias,
 )
 
 __all__ = [
     "CHALLENGER",
     "CHAMPION",
+    "CHECKPOINT_SHA256",
+    "ORIGIN_RUN_ID",
     "Candidate",
     "ImageClassifier",
     "check_images",
@@ -33,5 +38,6 @@ __all__ = [
     "register",
     "require_alias",
     "rollback",
+    "verified_model",
     "version_by_alias",
 ]

@@ -17,6 +17,7 @@ from cnnops.registry.store import (
     load_model,
     require_alias,
     set_tags,
+    verified_model,
     version_by_alias,
 )
 
@@ -60,6 +61,7 @@ def promote(config: Config) -> dict[str, Any]:
     client = connect(config.mlflow)
     challenger = require_alias(client, reg.model_name, CHALLENGER)
     champion = version_by_alias(client, reg.model_name, CHAMPION)
+    verified_model(client, reg.model_name, challenger)  # a swapped file never gets the alias
     ours = _score_of(reports_dir / "eval.json", challenger, reg.metric)
     theirs = _score_of(reports_dir / "eval_champion.json", champion, reg.metric)
     # Neither a re-run on the champion itself nor a rolled-back version gets a new decision record:
@@ -169,8 +171,10 @@ def rollback(config: Config) -> dict[str, Any]:
 
 
 def export_champion(config: Config, client: MlflowClient) -> dict[str, Any]:
-    """Export `@champion` to ONNX, check onnxruntime against PyTorch, record both on the version."""
+    """Export `@champion` (its checkpoint verified first) to ONNX, check onnxruntime against
+    PyTorch, and record both, with the ONNX file's SHA-256 (`onnx.sha256`), on the version."""
     from cnnops import export, tracking
+    from cnnops.checkpoints import sha256_file
     from cnnops.data import prepare
 
     reg = config.registry
@@ -179,6 +183,7 @@ def export_champion(config: Config, client: MlflowClient) -> dict[str, Any]:
     x = np.ascontiguousarray(prepare.load(config.paths.prepared).x["test"][: reg.onnx_samples])
     path = export.to_onnx(classifier, x[:1], config.paths.models / "champion.onnx")
     diff = export.max_abs_diff(path, model.predict, x)
+    onnx_sha256 = sha256_file(path)
     with tracking.MlflowTracker(
         config.mlflow,
         run_name="export-onnx",
@@ -201,6 +206,7 @@ def export_champion(config: Config, client: MlflowClient) -> dict[str, Any]:
             "onnx.atol": reg.onnx_atol,
             "onnx.samples": len(x),
             "onnx.artifact": f"runs:/{tracker.run_id}/onnx/{path.name}",
+            "onnx.sha256": onnx_sha256,
         },
     )
-    return {"onnx_max_abs_diff": diff, "onnx_parity_ok": passed}
+    return {"onnx_max_abs_diff": diff, "onnx_parity_ok": passed, "onnx_sha256": onnx_sha256}

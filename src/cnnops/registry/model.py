@@ -18,7 +18,7 @@ class ImageClassifier(PythonModel):
     batch_size = 512
 
     def load_context(self, context: Any) -> None:
-        from cnnops.train import load_classifier
+        from cnnops.checkpoints import load_classifier
 
         self.model = load_classifier(Path(context.artifacts["checkpoint"])).eval()
 

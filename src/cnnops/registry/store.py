@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cnnops.errors import RegistryError
@@ -13,6 +14,9 @@ if TYPE_CHECKING:
     from cnnops.config import Mlflow
 
 CHALLENGER, CHAMPION = "challenger", "champion"
+# Model-version tags written by `cnnops register`.
+CHECKPOINT_SHA256 = "checkpoint.sha256"  # of the registered checkpoint; checked before every use
+ORIGIN_RUN_ID = "cnnops.origin_run_id"  # the run that trained it, maybe in another store
 
 
 def connect(cfg: Mlflow) -> MlflowClient:
@@ -82,11 +86,47 @@ def require_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion:
 
 
 def load_model(client: MlflowClient, name: str, alias: str) -> tuple[Any, ModelVersion]:
-    """The pyfunc model behind `models:/name@alias` and the version it resolved to."""
+    """The pyfunc model behind `models:/name@alias` and the version it resolved to, loaded only
+    once its checkpoint matches the SHA-256 recorded when it was registered."""
     import mlflow.pyfunc
 
     version = require_alias(client, name, alias)
-    return mlflow.pyfunc.load_model(f"models:/{name}@{alias}"), version
+    return mlflow.pyfunc.load_model(str(verified_model(client, name, version))), version
+
+
+def verified_model(client: MlflowClient, name: str, version: ModelVersion) -> Path:
+    """The local folder of `version`'s model, its checkpoint checked against the version's
+    `checkpoint.sha256` tag: a missing tag, a swapped or a corrupted file is a RegistryError."""
+    from mlflow.artifacts import download_artifacts
+    from mlflow.models import Model
+
+    from cnnops.checkpoints import sha256_file
+
+    where = f"{name} version {version.version}"
+    expected = version.tags.get(CHECKPOINT_SHA256)
+    if not expected:
+        raise RegistryError(
+            f"{where} has no {CHECKPOINT_SHA256} tag, so its checkpoint cannot be verified; "
+            "register it again with `cnnops register`"
+        )
+    local = Path(download_artifacts(artifact_uri=f"models:/{name}/{version.version}"))
+    try:
+        relative = Model.load(local).flavors["python_function"]["artifacts"]["checkpoint"]["path"]
+    except Exception:  # no MLmodel, or not ours: either way there is no checkpoint to trust
+        raise RegistryError(
+            f"{where} is not a cnnops model: it has no checkpoint artifact"
+        ) from None
+    checkpoint = local / relative
+    found = sha256_file(checkpoint) if checkpoint.is_file() else None
+    if found != expected:
+        source = client.get_model_version_download_uri(name, version.version)
+        state = f"has sha256 {found}" if found else "is missing"
+        raise RegistryError(
+            f"{where}: checkpoint {source.rstrip('/')}/{relative} {state}, expected {expected} "
+            "(recorded at registration); it was swapped or corrupted, so it is not used: "
+            "restore it or register the model again"
+        )
+    return local
 
 
 def set_tags(client: MlflowClient, name: str, version: str, tags: dict[str, Any]) -> None:
