@@ -43,7 +43,8 @@ def test_sync_batchnorm_on_cpu_is_a_config_error(workdir: Path) -> None:
     assert result.returncode == 2 and "train.sync_batchnorm" in result.stderr
 
 
-def test_preempted_ddp_run_stops_every_rank_and_resumes(workdir: Path) -> None:
+@pytest.mark.parametrize("whom", ["every rank", "rank 0"])
+def test_preempted_ddp_run_stops_every_rank_and_resumes(workdir: Path, whom: str) -> None:
     import os
     import signal
     import subprocess
@@ -77,7 +78,10 @@ def test_preempted_ddp_run_stops_every_rank_and_resumes(workdir: Path) -> None:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not last.is_file():
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler preempts a job: every rank at once
+    if whom == "every rank":
+        os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler preempts a job: every rank at once
+    else:
+        proc.send_signal(signal.SIGTERM)  # as `dvc repro` stops its stage: the others must follow
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     hint = "cnnops train: interrupted by SIGTERM; rerun `cnnops train`"

@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cnnops import runs
@@ -66,12 +67,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class StopOnSignal(Callback):
-    """SIGINT (held by `runs.deferred_signals` during fit) stops training at the next batch the
-    way Lightning stops on SIGTERM: every DDP rank at the same step, the last checkpoint whole."""
+    """SIGTERM and SIGINT (held by `runs.deferred_signals` during fit) stop training after the
+    batch in flight. DDP ranks agree at each batch end (any rank signalled stops them all), so
+    every rank leaves at the same step and the last checkpoint is whole."""
 
     def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
-        if runs.pending_signal() is not None:
+        stop = runs.pending_signal() is not None
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
             trainer._signal_connector.received_sigterm = True
+
+
+class QuietSignalConnector(_SignalConnector):
+    """Lightning's own SIGTERM handler runs a collective inside the handler, which races the
+    collectives DDP has in flight (gloo aborts on the mismatch). Signals stay with `runs`;
+    `StopOnSignal` turns them into Lightning's stop at a batch boundary."""
+
+    def register_signal_handlers(self) -> None:
+        self.received_sigterm = False
+        self._original_handlers = self._get_current_signal_handlers()
 
 
 @dataclass
@@ -210,6 +225,7 @@ def train(
         # cuDNN autotuning costs seconds of warm-up that small networks never earn back.
         benchmark=False,
     )
+    trainer._signal_connector = QuietSignalConnector(trainer)
     graphs = use_cuda_graphs(t, trainer)  # a setting that cannot apply fails before any output goes
     module = build_module(config, prepared)
     if t.channels_last and torch.cuda.is_available() and t.accelerator != "cpu":
@@ -229,7 +245,7 @@ def train(
         num_workers=t.num_workers,
     )
     started = time.perf_counter()
-    # Signals wait for a batch boundary (Lightning's SIGTERM handling, StopOnSignal for SIGINT).
+    # Signals wait for a batch boundary (StopOnSignal), then stop as Lightning stops on SIGTERM.
     with runs.deferred_signals(raise_after=False):
         try:
             trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
