@@ -73,6 +73,13 @@ class Prepare(Section):
     """Resize every image to this square size; required for imagefolder, optional otherwise."""
     grayscale: bool | None = None
     """imagefolder only: force one channel (True) or three (False); detected when unset."""
+    min_side: Annotated[int, Field(ge=1, le=4096)] = 8
+    """imagefolder only: an image whose shorter side is below this is a bad file."""
+    on_bad_file: Literal["error", "skip"] = "error"
+    """imagefolder only: error lists every bad file and stops; skip goes on without them and
+    lists each with its reason in reports/data.json."""
+    workers: Annotated[int, Field(ge=0, le=256)] = 0
+    """Decoding processes; 0 takes one per CPU core."""
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> Prepare:
@@ -154,6 +161,10 @@ class Train(Section):
     precision: Literal["32", "32-true", "bf16-mixed", "16-mixed"] = "32"
     deterministic: bool = False
     num_workers: Annotated[int, Field(ge=0, le=64)] = 0
+    data_placement: Literal["auto", "device", "host", "disk"] = "auto"
+    """Where training batches come from: device (the split resident on the GPU), host (pinned
+    memory, copied asynchronously), disk (memory-mapped arrays read in chunks by workers).
+    auto picks the first that fits."""
     compile: bool = False
     """torch.compile the network (pays off on GPU for long runs; warm-up takes seconds)."""
     cuda_graphs: bool | Literal["auto"] = "auto"
