@@ -1,15 +1,22 @@
-"""The prepare stage: seeded stratified splits stored as compact uint8 arrays, plus statistics."""
+"""The prepare stage: seeded stratified splits stored as compact uint8 arrays, plus statistics.
+
+Image folders are prepared in bounded memory: images are decoded in worker processes into a
+cache keyed by content hash, then copied one by one into each split's `.npy` file while the
+per-channel statistics are counted exactly. Array sources (digits, MNIST, CIFAR) are small
+and go through memory."""
 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from cnnops.data.sources import load_raw
+from cnnops.data.images import Cache, Target, decode_all, detect_grayscale, discover
+from cnnops.data.sources import load_raw, original_name
 from cnnops.errors import DataError
 from cnnops.runs import atomic_dir, check_replaceable
 
@@ -59,6 +66,34 @@ def resize(x: np.ndarray, size: int) -> np.ndarray:
     return t.round().clamp(0, 255).to(torch.uint8).numpy()
 
 
+class ChannelStats:
+    """Per-channel mean and std of uint8 images, exact: a histogram of the 256 values per
+    channel, fed image by image or chunk by chunk, never a float copy of the pixels."""
+
+    def __init__(self, channels: int) -> None:
+        self.counts = np.zeros((channels, 256), dtype=np.int64)
+
+    def add(self, x: np.ndarray) -> None:
+        """Count `x`, shaped (C, H, W) or (N, C, H, W)."""
+        per_channel = x.reshape(-1, *x.shape[-3:]).swapaxes(0, 1)
+        for c, values in enumerate(per_channel):
+            self.counts[c] += np.bincount(values.ravel(), minlength=256)
+
+    def mean_std(self) -> tuple[list[float], list[float]]:
+        v = np.arange(256, dtype=np.float64) / 255.0
+        n = self.counts.sum(axis=1)
+        mean = (self.counts @ v) / n
+        var = (self.counts @ (v * v)) / n - mean * mean
+        return mean.tolist(), np.maximum(np.sqrt(np.maximum(var, 0.0)), 1e-6).tolist()
+
+
+def statistics(x: np.ndarray, chunk: int = 256) -> tuple[list[float], list[float]]:
+    stats = ChannelStats(x.shape[1])
+    for start in range(0, len(x), chunk):
+        stats.add(x[start : start + chunk])
+    return stats.mean_std()
+
+
 def split(config: Config, raw: Path) -> Prepared:
     data = load_raw(config, raw)
     p = config.prepare
@@ -78,9 +113,7 @@ def split(config: Config, raw: Path) -> Prepared:
             raise DataError(
                 f"prepare: the {name} split is empty; adjust prepare.val_fraction/test_fraction"
             )
-    pixels = xs["train"].astype(np.float64) / 255.0
-    mean = pixels.mean(axis=(0, 2, 3)).tolist()
-    std = np.maximum(pixels.std(axis=(0, 2, 3)), 1e-6).tolist()
+    mean, std = statistics(xs["train"])
     return Prepared(xs, ys, data.classes, mean, std)
 
 
@@ -89,13 +122,14 @@ def save(prepared: Prepared, out: Path) -> None:
         for name in SPLITS:
             np.save(tmp / f"{name}_x.npy", np.ascontiguousarray(prepared.x[name]))
             np.save(tmp / f"{name}_y.npy", prepared.y[name])
-        meta = {
-            "classes": prepared.classes,
-            "mean": prepared.mean,
-            "std": prepared.std,
-            "shape": list(prepared.shape),
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        _write_meta(tmp, prepared.classes, prepared.mean, prepared.std, prepared.shape)
+
+
+def _write_meta(
+    folder: Path, classes: list[str], mean: list[float], std: list[float], shape: tuple
+) -> None:
+    meta = {"classes": classes, "mean": mean, "std": std, "shape": list(shape)}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def load(folder: Path, mmap: bool = False) -> Prepared:
@@ -135,9 +169,108 @@ def summary(prepared: Prepared) -> dict:
 
 def prepare(config: Config, raw: Path, out: Path, report: Path) -> dict:
     check_replaceable(out, "prepare")  # before the work, not after it
-    prepared = split(config, raw)
-    save(prepared, out)
-    stats = summary(prepared)
+    if config.fetch.source == "imagefolder":
+        stats = prepare_folder(config, raw, out, report.parent / "data_errors.json")
+    else:
+        prepared = split(config, raw)
+        save(prepared, out)
+        stats = summary(prepared)
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(json.dumps(stats, indent=2) + "\n")
     return stats
+
+
+def cache_folder(out: Path) -> Path:
+    """Where prepare keeps decoded images between runs: beside the prepared folder, which
+    DVC removes before each run."""
+    return out.with_name(f"{out.name}.cache")
+
+
+def prepare_folder(config: Config, raw: Path, out: Path, errors: Path) -> dict:
+    """Prepare an image folder in bounded memory; every bad file is found in one pass."""
+    p = config.prepare
+    assert p.image_size is not None  # checked by the Config validator
+
+    def name(path: Path) -> str:
+        return original_name(raw, path)
+
+    if not raw.is_dir():
+        raise DataError(f"{raw}: data directory missing; run `cnnops fetch` first")
+    folder = discover(raw / "images", name)
+    gray = detect_grayscale(folder.files) if p.grayscale is None else p.grayscale
+    cache = Cache(cache_folder(out), Target(p.image_size, 1 if gray else 3, p.min_side))
+    cache.open()
+    verdicts = decode_all(folder.files, cache, p.workers)
+    decoded = sum(v.decoded for v in verdicts)
+    bad = [
+        {"file": name(f), "reason": v.reason}
+        for f, v in zip(folder.files, verdicts, strict=True)
+        if v.reason
+    ]
+    if bad and p.on_bad_file == "error":
+        errors.parent.mkdir(parents=True, exist_ok=True)
+        errors.write_text(json.dumps({"bad_files": bad}, indent=2) + "\n")
+        first = "; ".join(f"{b['file']}: {b['reason']}" for b in bad[:3])
+        raise DataError(
+            f"{len(bad)} bad image file(s) of {len(folder.files)}, all listed in {errors}: "
+            f"{first}{' ...' if len(bad) > 3 else ''}; fix or remove them, or set "
+            "prepare.on_bad_file: skip"
+        )
+    errors.unlink(missing_ok=True)  # this stage's own list, from a run now fixed
+    good = np.array([v.reason is None for v in verdicts], dtype=bool)
+    keys = [v.key for v in verdicts if v.reason is None]
+    labels = folder.labels[good]
+    for label, cls in enumerate(folder.classes):
+        if not (labels == label).any():
+            raise DataError(
+                f"{name(folder.root / cls)}: every image of class {cls!r} is a bad file "
+                "(listed in reports/data.json); a class needs images"
+            )
+    train, val, test = stratified_split(labels, [p.val_fraction, p.test_fraction], p.seed)
+    parts = {"train": train, "val": val, "test": test}
+    for split_name, idx in parts.items():
+        if len(idx) == 0:
+            raise DataError(
+                f"prepare: the {split_name} split is empty; adjust prepare.val_fraction/"
+                "test_fraction"
+            )
+    stats = ChannelStats(cache.target.channels)
+    with atomic_dir(out, "prepare") as tmp:
+        for split_name, idx in parts.items():
+            _write_images(
+                tmp / f"{split_name}_x.npy",
+                [keys[i] for i in idx],
+                cache,
+                stats if split_name == "train" else None,
+            )
+            np.save(tmp / f"{split_name}_y.npy", labels[idx])
+        mean, std = stats.mean_std()
+        t = cache.target
+        _write_meta(tmp, folder.classes, mean, std, (t.channels, t.size, t.size))
+    print(
+        f"prepare: {len(folder.files)} images: {decoded} decoded, "
+        f"{len(folder.files) - decoded} from the cache, {len(bad)} skipped",
+        file=sys.stderr,
+    )
+    result = summary(load(out, mmap=True))
+    result["skipped"] = [b for b in bad]
+    result["ignored"] = [name(f) for f in folder.ignored]
+    return result
+
+
+def _write_images(path: Path, keys: list[str], cache: Cache, stats: ChannelStats | None) -> None:
+    """A (N, C, H, W) uint8 `.npy` written image by image from the cache: plain writes, so the
+    pages go to the file, not to this process's memory."""
+    t = cache.target
+    header = {
+        "descr": "|u1",
+        "fortran_order": False,
+        "shape": (len(keys), t.channels, t.size, t.size),
+    }
+    with path.open("wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for key in keys:
+            x = cache.read(key)
+            if stats is not None:
+                stats.add(x)
+            f.write(x.tobytes())

@@ -9,6 +9,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
+import os
 import pickle
 import shutil
 import tarfile
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cnnops.data.images import is_junk
 from cnnops.errors import DataError
 from cnnops.runs import atomic_dir
 
@@ -110,7 +113,6 @@ CLASSES = {
     ],
 }
 NATIVE_SIZE = {"digits": 8, "mnist": 28, "fashion-mnist": 28, "cifar10": 32}
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
 def input_size(config: Config) -> int:
@@ -204,30 +206,103 @@ def _extract_cifar(archive: bytes, origin: str, out: Path) -> None:
 
 
 def _fetch_imagefolder(spec: Fetch, out: Path) -> None:
+    """Copy the folder, or extract the archive, named by fetch.url into `out/images`, leaving
+    out junk (see `is_junk`), and note the url in `out/origin.json` so later errors can name
+    the user's own file rather than its copy in data/raw."""
     if not spec.url:
         raise DataError(
             "fetch.url: required for fetch.source: imagefolder (a folder or archive URL)"
         )
+    remote = "://" in spec.url and not spec.url.startswith("file://")
     local = Path(spec.url.removeprefix("file://")).expanduser()
-    if local.is_dir():
-        shutil.copytree(local, out / "images", ignore=shutil.ignore_patterns(".*"))
+    if not remote and local.is_dir():
+        _copy_folder(local, out / "images")
+        _write_origin(out, spec.url, "folder")
         return
-    blob = local.read_bytes() if local.is_file() else _open_url(spec.url)
+    if not remote and not local.is_file():
+        raise DataError(
+            f"fetch.url = {spec.url!r}: no such file or folder; it must be an existing folder "
+            "or a .zip/.tar.gz file, or an http(s) URL"
+        )
+    blob = _open_url(spec.url) if remote else local.read_bytes()
     if spec.sha256 and (got := _digest("sha256", blob)) != spec.sha256:
         raise DataError(
             f"fetch.url = {spec.url!r}: checksum mismatch: sha256 {got}, expected {spec.sha256}"
         )
     try:
         if zipfile.is_zipfile(io.BytesIO(blob)):
-            with zipfile.ZipFile(io.BytesIO(blob)) as z:
-                z.extractall(out / "images")
+            _extract_zip(blob, spec.url, out / "images")
         else:
             with tarfile.open(fileobj=io.BytesIO(blob), mode="r:*") as tar:
-                tar.extractall(out / "images", filter="data")
+                members = [m for m in tar.getmembers() if not is_junk(m.name)]
+                tar.extractall(out / "images", members=members, filter="data")
+    except tarfile.FilterError as e:
+        raise DataError(
+            f"fetch.url = {spec.url!r}: archive member {e.tarinfo.name!r} is unsafe ({e}); "
+            "members must stay inside the archive's folder"
+        ) from None
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
         raise DataError(
             f"fetch.url = {spec.url!r}: not a readable folder, zip or tar archive ({e})"
         ) from None
+    _write_origin(out, spec.url, "archive")
+
+
+def _copy_folder(source: Path, target: Path) -> None:
+    """Copy an image folder, following symlinks to real files; a broken link is the user's to
+    fix, so it is named as the user sees it rather than surfacing as an OSError traceback."""
+
+    def junk(folder: str, names: list[str]) -> set[str]:
+        relative = Path(folder).relative_to(source)
+        return {name for name in names if is_junk(relative / name)}
+
+    def copy(src: str, dst: str) -> None:
+        if os.path.islink(src) and not os.path.exists(src):
+            raise DataError(
+                f"{src}: broken symbolic link (its target {os.readlink(src)!r} does not exist); "
+                "fix or remove it"
+            )
+        shutil.copy2(src, dst)
+
+    try:
+        shutil.copytree(source, target, ignore=junk, copy_function=copy)
+    except shutil.Error as e:
+        src, _, why = e.args[0][0]
+        raise DataError(f"{src}: cannot be copied ({why})") from None
+
+
+def _extract_zip(blob: bytes, url: str, target: Path) -> None:
+    """Extract a zip's non-junk members, refusing any whose path would leave `target`
+    (absolute, or climbing out with `..`) rather than silently rewriting it."""
+    with zipfile.ZipFile(io.BytesIO(blob)) as z:
+        members = [m for m in z.infolist() if not is_junk(m.filename)]
+        for member in members:
+            name = member.filename.replace("\\", "/")
+            if name.startswith("/") or ".." in name.split("/") or ":" in name.split("/")[0]:
+                raise DataError(
+                    f"fetch.url = {url!r}: archive member {member.filename!r} is unsafe; "
+                    "members must stay inside the archive's folder (no absolute paths or '..')"
+                )
+        z.extractall(target, members=members)
+
+
+def _write_origin(out: Path, url: str, kind: str) -> None:
+    (out / "origin.json").write_text(json.dumps({"url": url, "kind": kind}, indent=2) + "\n")
+
+
+def original_name(raw: Path, path: Path) -> str:
+    """The user's own name for `raw/images/<rel>`: `<url>/<rel>` when fetch copied a folder,
+    `<url>!/<rel>` when it extracted an archive; `str(path)` when that cannot be known (no
+    `raw/origin.json`, or `path` outside `raw/images`)."""
+    try:
+        relative = Path(os.path.abspath(path)).relative_to(os.path.abspath(raw / "images"))
+        origin = json.loads((raw / "origin.json").read_text())
+        url, kind = str(origin["url"]), origin["kind"]
+    except (ValueError, OSError, KeyError, TypeError):  # JSONDecodeError is a ValueError
+        return str(path)
+    if kind == "archive":
+        return f"{url}!/{relative.as_posix()}"
+    return f"{url.rstrip('/')}/{relative.as_posix()}"
 
 
 # --- reading raw files back -------------------------------------------------------------
@@ -260,12 +335,33 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(blob, dtype=np.uint8, offset=header).reshape(shape)
 
 
+def _check_labels(labels: np.ndarray, path: Path, num_classes: int = 10) -> np.ndarray:
+    """Labels as int64, each in 0..num_classes-1: a label beyond the classes would otherwise
+    surface much later as an index error inside the loss."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.ndim != 1:
+        raise DataError(f"{path}: labels must be one-dimensional, got shape {labels.shape}")
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        raise DataError(
+            f"{path}: label {labels[bad[0]]} at index {bad[0]} is out of range "
+            f"({len(bad)} such labels); labels must be 0..{num_classes - 1}"
+        )
+    return labels
+
+
 def _idx_pair(raw: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
-    images = read_idx(raw / f"{prefix}-images-idx3-ubyte")[:, None]
-    labels = read_idx(raw / f"{prefix}-labels-idx1-ubyte")
+    images = read_idx(raw / f"{prefix}-images-idx3-ubyte")
+    labels_path = raw / f"{prefix}-labels-idx1-ubyte"
+    labels = _check_labels(read_idx(labels_path), labels_path)
+    if images.ndim != 3:
+        raise DataError(
+            f"{raw / f'{prefix}-images-idx3-ubyte'}: expected 3 dimensions (count, rows, "
+            f"columns), the header says {images.ndim}"
+        )
     if len(images) != len(labels):
         raise DataError(f"{raw}: {prefix} has {len(images)} images but {len(labels)} labels")
-    return images, labels.astype(np.int64)
+    return images[:, None], labels
 
 
 def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -276,63 +372,32 @@ def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         with path.open("rb") as f:
             batch = pickle.load(f, encoding="bytes")  # noqa: S301
         x = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        return x, np.asarray(batch[b"labels"], dtype=np.int64)
-    except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as e:
+        y = np.asarray(batch[b"labels"], dtype=np.int64)
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as e:
         raise DataError(f"{path}: corrupt CIFAR-10 batch ({e})") from None
+    y = _check_labels(y, path)
+    if len(x) != len(y):
+        raise DataError(f"{path}: {len(x)} images but {len(y)} labels")
+    return x, y
 
 
-def _read_image(path: Path, size: int, grayscale: bool) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+def _imagefolder(raw: Path, config: Config) -> RawData:
+    """The whole folder in memory, for small folders and tests; `cnnops prepare` streams it
+    through the decoded-image cache instead (`prepare.prepare_folder`)."""
+    from cnnops.data.images import Target, decode, detect_grayscale, discover
 
-    try:
-        with Image.open(path) as img:
-            mode = "L" if grayscale else "RGB"
-            resized = img.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
-            x = np.asarray(resized, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DataError(f"{path}: unreadable or truncated image ({e})") from None
-    return x[None] if grayscale else x.transpose(2, 0, 1)
-
-
-def _detect_grayscale(files: list[Path]) -> bool:
-    from PIL import Image
-
-    for path in files[:50]:
-        try:
-            with Image.open(path) as img:
-                if img.mode not in ("L", "1", "I;16", "LA"):
-                    return False
-        except OSError:
-            continue
-    return True
-
-
-def _imagefolder(raw: Path, size: int, grayscale: bool | None) -> RawData:
-    root = raw / "images"
-    # An archive often wraps the class folders in one top folder.
-    while (
-        root.is_dir()
-        and len(subdirs := [p for p in root.iterdir() if p.is_dir()]) == 1
-        and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir())
-    ):
-        root = subdirs[0]
-    if not root.is_dir():
-        raise DataError(f"{root}: missing; run `cnnops fetch` first")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(classes) < 2:
-        raise DataError(f"{root}: needs at least two class sub-folders, found {classes}")
-    files = [
-        (f, label)
-        for label, name in enumerate(classes)
-        for f in sorted((root / name).rglob("*"))
-        if f.suffix.lower() in IMAGE_SUFFIXES
-    ]
-    if not files:
-        raise DataError(f"{root}: no PNG or JPEG files in the class folders")
-    gray = _detect_grayscale([f for f, _ in files]) if grayscale is None else grayscale
-    x = np.stack([_read_image(f, size, gray) for f, _ in files])
-    y = np.array([label for _, label in files], dtype=np.int64)
-    return RawData(train=(x, y), test=None, classes=classes)
+    p = config.prepare
+    assert p.image_size is not None  # checked by the Config validator
+    folder = discover(raw / "images", lambda path: original_name(raw, path))
+    gray = detect_grayscale(folder.files) if p.grayscale is None else p.grayscale
+    target = Target(p.image_size, 1 if gray else 3, p.min_side)
+    images = []
+    for path in folder.files:
+        x = decode(path, target)
+        if isinstance(x, str):
+            raise DataError(f"{original_name(raw, path)}: {x}")
+        images.append(x)
+    return RawData(train=(np.stack(images), folder.labels), test=None, classes=folder.classes)
 
 
 def load_raw(config: Config, raw: Path) -> RawData:
@@ -353,5 +418,4 @@ def load_raw(config: Config, raw: Path) -> RawData:
         parts = [_cifar_batch(raw / f"data_batch_{i}") for i in range(1, 6)]
         train = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
         return RawData(train, _cifar_batch(raw / "test_batch"), CLASSES[source])
-    assert config.prepare.image_size is not None  # checked by the Config validator
-    return _imagefolder(raw, config.prepare.image_size, config.prepare.grayscale)
+    return _imagefolder(raw, config)
