@@ -19,7 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -28,7 +28,11 @@ from cnnops.errors import DataError
 from cnnops.runs import atomic_dir
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from cnnops.config import Config, Fetch
+
+Member = TypeVar("Member")
 
 
 @dataclass(frozen=True)
@@ -234,7 +238,7 @@ def _fetch_imagefolder(spec: Fetch, out: Path) -> None:
             _extract_zip(blob, spec.url, out / "images")
         else:
             with tarfile.open(fileobj=io.BytesIO(blob), mode="r:*") as tar:
-                members = [m for m in tar.getmembers() if not is_junk(m.name)]
+                members = _wanted(tar.getmembers(), lambda m: m.name, spec.url)
                 tar.extractall(out / "images", members=members, filter="data")
     except tarfile.FilterError as e:
         raise DataError(
@@ -271,19 +275,23 @@ def _copy_folder(source: Path, target: Path) -> None:
         raise DataError(f"{src}: cannot be copied ({why})") from None
 
 
+def _wanted(members: list[Member], name: Callable[[Member], str], url: str) -> list[Member]:
+    """An archive's members minus junk, after refusing the whole archive if any member's path
+    would leave the extraction folder (absolute, or climbing out with `..`): such an archive
+    is broken or hostile, and skipping the member quietly would hide that."""
+    for member in members:
+        parts = name(member).replace("\\", "/").split("/")
+        if parts[0] == "" or ":" in parts[0] or ".." in parts:
+            raise DataError(
+                f"fetch.url = {url!r}: archive member {name(member)!r} is unsafe; members "
+                "must stay inside the archive's folder (no absolute paths or '..')"
+            )
+    return [m for m in members if not is_junk(name(m))]
+
+
 def _extract_zip(blob: bytes, url: str, target: Path) -> None:
-    """Extract a zip's non-junk members, refusing any whose path would leave `target`
-    (absolute, or climbing out with `..`) rather than silently rewriting it."""
     with zipfile.ZipFile(io.BytesIO(blob)) as z:
-        members = [m for m in z.infolist() if not is_junk(m.filename)]
-        for member in members:
-            name = member.filename.replace("\\", "/")
-            if name.startswith("/") or ".." in name.split("/") or ":" in name.split("/")[0]:
-                raise DataError(
-                    f"fetch.url = {url!r}: archive member {member.filename!r} is unsafe; "
-                    "members must stay inside the archive's folder (no absolute paths or '..')"
-                )
-        z.extractall(target, members=members)
+        z.extractall(target, members=_wanted(z.infolist(), lambda m: m.filename, url))
 
 
 def _write_origin(out: Path, url: str, kind: str) -> None:
