@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cnnops import runs
 from cnnops.config import Config, Train, dump_config, flatten
-from cnnops.data.datamodule import ImageData
+from cnnops.data.datamodule import ImageData, check_placement
 from cnnops.data.prepare import Prepared
 from cnnops.errors import ConfigError
 from cnnops.module import Classifier
@@ -156,6 +156,15 @@ def use_cuda_graphs(t: Train, trainer: L.Trainer) -> bool:
     return False
 
 
+def planned_device_type(t: Train) -> str:
+    """The kind of device a Trainer for `t` will train on, known before building one."""
+    if t.accelerator in ("cpu", "mps"):
+        return t.accelerator
+    if t.accelerator in ("gpu", "cuda") or torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
 def best_row(rows: list[dict[str, float]], monitor: str) -> dict[str, float]:
     scored = [r for r in rows if monitor in r]
     if not scored:
@@ -227,6 +236,7 @@ def train(
     )
     trainer._signal_connector = QuietSignalConnector(trainer)
     graphs = use_cuda_graphs(t, trainer)  # a setting that cannot apply fails before any output goes
+    check_placement(t.data_placement, trainer.strategy.root_device.type)
     module = build_module(config, prepared)
     if t.channels_last and torch.cuda.is_available() and t.accelerator != "cpu":
         module = module.to(memory_format=torch.channels_last)  # NHWC convolutions on tensor cores
@@ -243,6 +253,7 @@ def train(
         eval_batch_size=config.evaluate.batch_size,
         augment=workers_augment,
         num_workers=t.num_workers,
+        placement=t.data_placement,
     )
     started = time.perf_counter()
     # Signals wait for a batch boundary (StopOnSignal), then stop as Lightning stops on SIGTERM.
@@ -257,6 +268,9 @@ def train(
         # Written after fit: Lightning warns about a non-empty checkpoint folder before it.
         save_pipeline(config, prepared, out_dir)
     best = best_row(curves.rows, monitor)
+    placement = data.placements.get("train", t.data_placement)  # what auto resolved to
+    if trainer.is_global_zero:
+        tracker.set_tags({"cnnops.data_placement": placement})
     metrics = {
         "best_epoch": int(best.get("epoch", 0)),
         "best_val_acc": best.get("val_acc"),
@@ -268,6 +282,8 @@ def train(
         "train_seconds": round(elapsed, 2),
         # Whether the training steps ran as a captured CUDA graph (train.cuda_graphs).
         "cuda_graphs": module.graph_step is not None and module.graph_step.captured,
+        # Where the training split was read from (train.data_placement, auto resolved).
+        "data_placement": placement,
     }
     return TrainResult(out_dir / "best.ckpt", out_dir / "last.ckpt", metrics, curves.rows)
 
@@ -304,8 +320,11 @@ def train_stage(config: Config) -> dict[str, Any]:
     quiet_lightning()
     runs.die_with_parent()  # `dvc repro` killed: stop too, resumable, instead of training on
     paths = config.paths
+    # A placement that cannot work fails before any output goes (the MLflow run included).
+    check_placement(config.train.data_placement, planned_device_type(config.train))
     out = paths.models / "train"
-    prepared = prepare.load(paths.prepared)
+    # Memory-mapped: the disk placement streams from it; the others read it into memory once.
+    prepared = prepare.load(paths.prepared, mmap=True)
     fingerprint = runs.fingerprint(dump_config(config), [paths.prepared])
     if not rank_zero():  # DDP re-launches this command per rank; rank 0 owns every output
         work = out.with_name(out.name + ".partial")
