@@ -9,6 +9,7 @@ so memory does not grow with the number of images.
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
 import sys
 import warnings
@@ -263,7 +264,8 @@ def decode_all(files: list[Path], cache: Cache, workers: int) -> list[Verdict]:
                 verdicts += _batch(part, cache)
                 bar.update(len(part))
             return verdicts
-        with ProcessPoolExecutor(workers) as pool:
+        # Spawned, not forked: a worker needs only this module, not the parent's torch.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             for part in pool.map(_batch, _chunks(files, chunk), repeat(cache)):
                 verdicts += part
                 bar.update(len(part))
