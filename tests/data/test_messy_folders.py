@@ -12,6 +12,7 @@ import pickle
 import re
 import struct
 import subprocess
+import tarfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cnnops.data.sources import original_name
 from tests.conftest import cnnops
 
 CLASSES = ("cats", "dogs")
@@ -161,6 +163,35 @@ def test_a_symlink_to_a_real_image_is_followed(workdir: Path, folder: Path) -> N
     cnnops("fetch", *imagefolder(folder), check=True)
     copy = workdir / "data" / "raw" / "images" / "cats" / "linked.png"
     assert not copy.is_symlink() and copy.read_bytes() == elsewhere.read_bytes()
+
+
+def test_junk_in_a_tar_archive_is_ignored(workdir: Path, folder: Path) -> None:
+    archive = workdir / "pets.tar.gz"
+    (folder / "cats" / "._0.jpg").write_bytes(b"AppleDouble")  # what macOS tar adds
+    (folder / ".git").mkdir()
+    (folder / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="pets")
+    cnnops("fetch", *imagefolder(archive), check=True)
+    images = workdir / "data" / "raw" / "images" / "pets"
+    assert relative_files(images) == {
+        f"{name}/{i}.{'png' if i % 2 else 'jpg'}" for name in CLASSES for i in range(PER_CLASS)
+    }
+
+
+def test_original_name_maps_copies_back_to_the_users_names(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    copy = raw / "images" / "cats" / "1.png"
+    copy.parent.mkdir(parents=True)
+    assert original_name(raw, copy) == str(copy)  # no origin.json: nothing better is known
+    (raw / "origin.json").write_text(json.dumps({"url": "~/pets/", "kind": "folder"}))
+    assert original_name(raw, copy) == "~/pets/cats/1.png"
+    assert original_name(raw, tmp_path / "other.png") == str(tmp_path / "other.png")
+    url = "https://example.org/pets.zip"
+    (raw / "origin.json").write_text(json.dumps({"url": url, "kind": "archive"}))
+    assert original_name(raw, copy) == f"{url}!/cats/1.png"
+    (raw / "origin.json").write_text("{not json")
+    assert original_name(raw, copy) == str(copy)
 
 
 def test_an_archive_member_escaping_its_folder_is_refused(workdir: Path) -> None:
