@@ -291,7 +291,8 @@ def _wanted(members: list[Member], name: Callable[[Member], str], url: str) -> l
 
 def _extract_zip(blob: bytes, url: str, target: Path) -> None:
     with zipfile.ZipFile(io.BytesIO(blob)) as z:
-        z.extractall(target, members=_wanted(z.infolist(), lambda m: m.filename, url))
+        members = _wanted(z.infolist(), lambda m: m.filename, url)
+        z.extractall(target, members=members)
 
 
 def _write_origin(out: Path, url: str, kind: str) -> None:
