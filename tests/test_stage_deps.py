@@ -23,6 +23,7 @@ NOT_TRAINING = {
     "cnnops.data",
     "cnnops.data.prepare",
     "cnnops.data.sources",
+    "cnnops.data.images",
 }
 
 

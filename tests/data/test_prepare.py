@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from cnnops.config import Config, Prepare
 from cnnops.data import prepare
@@ -48,3 +49,71 @@ def test_mnist_keeps_the_official_test_set(tmp_path: Path, mnist_mirror: Path) -
     data = prepare.split(config, tmp_path / "raw")
     assert len(data.y["test"]) == 10000
     assert len(data.y["train"]) + len(data.y["val"]) == 60000
+
+
+def test_channel_statistics_are_exact_without_a_float_copy() -> None:
+    x = np.random.default_rng(0).integers(0, 256, size=(37, 3, 9, 7), dtype=np.uint8)
+    mean, std = prepare.statistics(x, chunk=5)  # chunks that do not divide the count
+    pixels = x.astype(np.float64) / 255.0
+    assert np.allclose(mean, pixels.mean(axis=(0, 2, 3)), rtol=0, atol=1e-12)
+    assert np.allclose(std, pixels.std(axis=(0, 2, 3)), rtol=0, atol=1e-9)
+
+
+def make_folder_of(root: Path, per_class: int, start: int = 0, size: int = 12) -> Path:
+    """Two classes of `per_class` small PNGs each, numbered from `start`; a number always
+    gives the same pixels, so a later call with a higher `start` only adds images."""
+    from PIL import Image
+
+    for label, (name, shade) in enumerate((("cats", 60), ("dogs", 190))):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(start, start + per_class):
+            rng = np.random.default_rng([label, i])
+            pixels = np.clip(rng.normal(shade, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def folder_config(folder: Path, **prepare_args: object) -> Config:
+    return Config.model_validate(
+        {
+            "fetch": {"source": "imagefolder", "url": str(folder)},
+            "prepare": {"image_size": 16, **prepare_args},
+        }
+    )
+
+
+def test_an_image_folder_prepares_in_worker_processes_through_the_cache(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    folder = make_folder_of(tmp_path / "pets", per_class=40)  # above one worker chunk (64)
+    config = folder_config(folder, workers=2)
+    raw, out, report = tmp_path / "raw", tmp_path / "prepared", tmp_path / "data.json"
+    fetch(config.fetch, raw)
+    in_memory = prepare.split(config, raw)  # the whole folder through memory, as reference
+    stats = prepare.prepare(config, raw, out, report)
+    assert "80 images: 80 decoded, 0 from the cache" in capfd.readouterr().err
+    streamed = prepare.load(out, mmap=True)
+    for name in prepare.SPLITS:
+        assert np.array_equal(streamed.x[name], in_memory.x[name])
+        assert np.array_equal(streamed.y[name], in_memory.y[name])
+    assert np.allclose(streamed.mean, in_memory.mean) and np.allclose(streamed.std, in_memory.std)
+    assert stats["skipped"] == [] and stats["splits"]["train"]["total"] == len(in_memory.y["train"])
+
+    make_folder_of(folder, per_class=1, start=40)  # two new images; the others unchanged
+    fetch(config.fetch, raw)
+    prepare.prepare(config, raw, out, report)
+    assert "82 images: 2 decoded, 80 from the cache" in capfd.readouterr().err
+
+
+def test_the_cache_folder_must_be_preparess_own(tmp_path: Path) -> None:
+    from cnnops.errors import DataError
+
+    folder = make_folder_of(tmp_path / "pets", per_class=3)
+    config = folder_config(folder)
+    fetch(config.fetch, tmp_path / "raw")
+    mine = tmp_path / "prepared.cache"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a user's file")
+    with pytest.raises(DataError, match="prepared.cache: exists and was not created by cnnops"):
+        prepare.prepare(config, tmp_path / "raw", tmp_path / "prepared", tmp_path / "data.json")
+    assert (mine / "notes.txt").read_text() == "a user's file"
