@@ -117,3 +117,46 @@ def test_the_cache_folder_must_be_preparess_own(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="prepared.cache: exists and was not created by cnnops"):
         prepare.prepare(config, tmp_path / "raw", tmp_path / "prepared", tmp_path / "data.json")
     assert (mine / "notes.txt").read_text() == "a user's file"
+
+
+@pytest.mark.slow
+def test_a_preempted_prepare_leaves_nothing_partial_and_the_rerun_keeps_its_work(
+    workdir: Path,
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from benchmarks.synthetic import make_folder
+
+    from tests.conftest import BIN, cnnops, set_params
+
+    folder = make_folder(workdir / "photos", 1000, side=128)
+    set_params(
+        workdir / "params.yaml",
+        [
+            "fetch.source=imagefolder",
+            f"fetch.url={folder}",
+            "prepare.image_size=96",
+            "prepare.workers=2",
+        ],
+    )
+    cnnops("fetch", check=True)
+    proc = subprocess.Popen(
+        [str(BIN / "cnnops"), "prepare"], stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    cache = workdir / "data/prepared.cache"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(cache.glob("*/*.u8")):
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGTERM)  # the stage's process only, as `dvc repro` stops it
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "cnnops prepare: interrupted by SIGTERM" in err
+    assert not (workdir / "data/prepared").exists()
+    assert [p.name for p in (workdir / "data").iterdir()] == sorted(["raw", "prepared.cache"])
+    done = cnnops("prepare", check=True)
+    decoded = int(done.stderr.split(" images: ")[1].split(" decoded")[0])
+    assert decoded < 1000  # what the killed run decoded stayed in the cache
+    assert len(np.load(workdir / "data/prepared/train_y.npy")) > 600

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from pathlib import Path, PurePath
 import numpy as np
 
 from cnnops.errors import DataError
-from cnnops.runs import made_by, mark
+from cnnops.runs import die_with_parent, made_by, mark
 
 JUNK_NAMES = {"Thumbs.db", "desktop.ini", "__MACOSX"}
 DECODER_VERSION = 1
@@ -244,6 +245,12 @@ def _batch(paths: list[Path], cache: Cache) -> list[Verdict]:
     return [_one(p, cache) for p in paths]
 
 
+def _worker_init() -> None:
+    """Ctrl-C is the parent's to handle; a worker whose parent dies goes too."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()
+
+
 def _chunks(items: list[Path], size: int) -> Iterator[list[Path]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -265,8 +272,15 @@ def decode_all(files: list[Path], cache: Cache, workers: int) -> list[Verdict]:
                 bar.update(len(part))
             return verdicts
         # Spawned, not forked: a worker needs only this module, not the parent's torch.
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool = ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init
+        )
+        try:
             for part in pool.map(_batch, _chunks(files, chunk), repeat(cache)):
                 verdicts += part
                 bar.update(len(part))
+        except BaseException:  # a signal or an error: drop the queued work, don't finish it
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
     return verdicts
