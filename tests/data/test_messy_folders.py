@@ -390,7 +390,8 @@ def test_all_bad_files_are_reported_in_one_run(workdir: Path, folder: Path) -> N
     assert all(entry["reason"] for entry in reported)
     data = workdir / "data"
     assert not (data / "prepared").exists()
-    assert [p.name for p in data.iterdir()] == ["raw"]  # no scratch or partial folder either
+    # The decoded-image cache stays (good images need no second decoding); nothing partial.
+    assert sorted(p.name for p in data.iterdir()) == ["prepared.cache", "raw"]
 
 
 def test_bad_files_are_skipped_and_listed_when_asked(workdir: Path, folder: Path) -> None:

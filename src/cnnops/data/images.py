@@ -9,6 +9,7 @@ so memory does not grow with the number of images.
 from __future__ import annotations
 
 import hashlib
+import io
 import multiprocessing
 import os
 import signal
@@ -151,14 +152,15 @@ def _to_8bit(img: object) -> object:
     return img
 
 
-def decode(path: Path, target: Target) -> np.ndarray | str:
-    """The image at `path` as a (C, size, size) uint8 array, or the reason it cannot be one."""
+def decode(content: bytes, target: Target) -> np.ndarray | str:
+    """An image file's `content` as a (C, size, size) uint8 array, or the reason it cannot be
+    one (from bytes, not a path, so no reason quotes the copy under data/raw)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
+            with Image.open(io.BytesIO(content)) as opened:
                 w, h = opened.size
                 if min(w, h) < target.min_side:
                     return f"{w}x{h} pixels, below prepare.min_side = {target.min_side}"
@@ -234,7 +236,7 @@ def _one(path: Path, cache: Cache) -> Verdict:
     key = cache.target.key(content)
     if cache.has(key):
         return Verdict(key, None, False)
-    x = decode(path, cache.target)
+    x = decode(content, cache.target)
     if isinstance(x, str):
         return Verdict(key, x, True)
     cache.put(key, x)

@@ -402,7 +402,7 @@ def _imagefolder(raw: Path, config: Config) -> RawData:
     target = Target(p.image_size, 1 if gray else 3, p.min_side)
     images = []
     for path in folder.files:
-        x = decode(path, target)
+        x = decode(path.read_bytes(), target)
         if isinstance(x, str):
             raise DataError(f"{original_name(raw, path)}: {x}")
         images.append(x)
