@@ -211,6 +211,9 @@ class DiskBatches:
                 persistent_workers=True,
                 prefetch_factor=self.AHEAD,
                 pin_memory=pin,
+                # Its workers' seeds from a generator of its own: drawing them from the global
+                # one would shift dropout's draws, and the run would differ from the others'.
+                generator=torch.Generator().manual_seed(0),
             )
 
     def __len__(self) -> int:
