@@ -117,3 +117,14 @@ def test_cuda_graphs_true_without_a_cuda_device_names_the_key(
     with pytest.raises(ConfigError, match=r"train\.cuda_graphs = true: .*CUDA device"):
         train(config, digits, workdir / "ckpt")
     assert not (workdir / "ckpt").exists()
+
+
+def test_a_rerun_with_augmentation_replaces_its_own_output(
+    workdir: Path, digits: prepare.Prepared
+) -> None:
+    # The augmentation preview belongs to the run's folder, so the next run may replace it.
+    config = tiny(workdir, "train.max_epochs=1", "augment.transforms=[{name: hflip, p: 0.5}]")
+    for _ in range(2):
+        train_stage(config)
+    assert (workdir / "models/train/augment_preview.png").is_file()
+    assert MlflowClient().search_runs(experiment_ids=["1"])[0].info.status == "FINISHED"

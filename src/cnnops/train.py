@@ -391,6 +391,15 @@ def _publish(
     paths, metrics = config.paths, result.metrics
     out = staging.out
     reports.write_json(staging.work / "run.json", {"mlflow_run_id": tracker.run_id, **metrics})
+    if config.augment.transforms:  # into the run's folder before it is committed, as its own
+        from cnnops.augment import write_preview
+
+        write_preview(
+            config.augment,
+            prepared.x["train"],
+            staging.work / "augment_preview.png",
+            seed=config.train.seed,
+        )
     staging.commit()
     reports.write_json(paths.reports / "train.json", metrics)
     reports.write_csv(paths.reports / "train_curves.csv", result.curves)
@@ -404,11 +413,6 @@ def _publish(
     for path in (resolved, paths.reports / "train_curves.png", paths.reports / "train_curves.csv"):
         tracker.log_artifact(path)
     if config.augment.transforms:
-        from cnnops.augment import write_preview
-
         tracker.log_artifact(out / "transforms.json")
-        preview = write_preview(
-            config.augment, prepared.x["train"], out / "augment_preview.png", seed=config.train.seed
-        )
-        tracker.log_artifact(preview)
+        tracker.log_artifact(out / "augment_preview.png")
     tracker.log_metrics(metrics, step=metrics["epochs_run"])
