@@ -8,8 +8,8 @@ Builds a synthetic folder of 256 px JPEGs (`synthetic.make_folder`), prepares it
 10 classes, SGD, bf16 autocast on CUDA) for `--steps` steps in this one process from:
   typical  torchvision ImageFolder + DataLoader workers: PIL decode, Resize(224),
            RandomHorizontalFlip, ToTensor, Normalize per sample, pinned memory;
-  disk     the disk placement: the prepared uint8 arrays memory-mapped, whole batches read by
-           workers, pinned; flip and normalization batched on the device;
+  disk     the disk placement: the prepared uint8 arrays memory-mapped, whole batches read
+           ahead by threads into pinned memory; flip and normalization batched on the device;
   host     the host placement: the prepared split in pinned memory, batches copied
            asynchronously; the same batched flip and normalization.
 Warm-up steps are excluded. Prints images/s of each and the ratios disk/typical and disk/host.
@@ -154,10 +154,7 @@ def batched_flip_normalize(data: prepare.Prepared, device: torch.device):
 def placement_loader(data: prepare.Prepared, placement: str, args: argparse.Namespace):
     from cnnops.data.datamodule import ImageData
 
-    workers = args.workers if placement == "disk" else 0
-    module = ImageData(
-        data, args.batch_size, seed=0, num_workers=workers, placement=placement, device=args.device
-    )
+    module = ImageData(data, args.batch_size, seed=0, placement=placement, device=args.device)
     return module.train_dataloader()
 
 

@@ -3,8 +3,8 @@
 device  the split resident on the training device; batches drawn by index there (the fast path).
 host    the split in host memory (pinned when training on CUDA); batches gathered on the host,
         then copied to the device asynchronously (Lightning moves pinned tensors non-blocking).
-disk    the memory-mapped `.npy` arrays, read a whole batch at a time by DataLoader workers (or
-        threads), so memory use does not grow with the dataset.
+disk    the memory-mapped `.npy` arrays, read a whole batch at a time by threads reading ahead,
+        into pinned memory, so memory use does not grow with the dataset.
 
 All three draw the same batches in the same order for a seed (one `BatchIndices` plans them), so
 a placement changes speed and memory, never the run. When the augmentation spec needs the
@@ -14,6 +14,7 @@ from host memory, or from the memory map for disk.
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from cnnops.data.prepare import Prepared
 from cnnops.errors import ConfigError
@@ -165,67 +166,54 @@ class MappedArray:
         return self.shape[0]
 
 
-class MappedBatches(Dataset):
-    """Whole batches read from a (memory-mapped) uint8 array: keyed by an index batch, rows are
-    read in file order (sequential disk access), then put back in the batch's order."""
+class MappedBatches:
+    """Whole batches gathered from a (memory-mapped) uint8 array by one `index_select` each:
+    torch copies the rows in parallel with the GIL released, straight into (pinned) memory,
+    while the kernel pages them in from its cache or the disk (each row is one contiguous
+    stretch of the file)."""
 
     def __init__(self, x: np.ndarray | MappedArray, y: np.ndarray, pin: bool = False) -> None:
         self.x, self.y, self.pin = x, y, pin
+        self._source: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.y)
 
+    def source(self) -> torch.Tensor:
+        """The array as a tensor over the same memory: no copy, nothing read yet."""
+        if self._source is None:
+            array = self.x.array if isinstance(self.x, MappedArray) else self.x
+            with warnings.catch_warnings():  # a read-only map; nothing here writes to it
+                warnings.simplefilter("ignore", UserWarning)
+                self._source = torch.from_numpy(np.asarray(array))
+        return self._source
+
     def __getitem__(self, idx: torch.Tensor) -> Batch:
-        positions = np.argsort(idx.numpy(), kind="stable")
-        rows = idx.numpy()[positions]
-        # Straight into (pinned) tensor memory: no intermediate copy of the batch.
-        out = torch.empty((len(rows), *self.x.shape[1:]), dtype=torch.uint8, pin_memory=self.pin)
-        target = out.numpy()
-        for position, row in zip(positions.tolist(), rows.tolist(), strict=True):
-            target[position] = self.x[row]
+        x = self.source()
+        out = torch.empty((len(idx), *x.shape[1:]), dtype=torch.uint8, pin_memory=self.pin)
+        torch.index_select(x, 0, idx, out=out)
         y = torch.from_numpy(self.y[idx.numpy()])
         return out, y.pin_memory() if self.pin else y
 
 
 class DiskBatches:
-    """Batches of `MappedBatches` read ahead of training: by `num_workers` DataLoader worker
-    processes (which pin in the loader), or, with none, by a few threads of this process (reads
-    from a memory map release the GIL while the disk works).
+    """Batches of `MappedBatches` read ahead of training by a few threads of this process
+    (the copies release the GIL), so nothing is pickled between processes.
 
-    Not a DataLoader itself: Lightning would wrap the sampler in a distributed one, sharding
+    Not a DataLoader: Lightning would wrap the sampler in a distributed one, sharding
     batches that `BatchIndices` has already sharded by rank.
     """
 
-    THREADS, AHEAD = 2, 4
+    AHEAD = 6
 
-    def __init__(self, data: MappedBatches, batches: BatchIndices, num_workers: int) -> None:
-        self.data, self.batches = data, batches
-        self.loader: DataLoader | None = None
-        if num_workers > 0:
-            pin, data.pin = data.pin, False  # workers cannot pin; the loader's thread does
-            self.loader = DataLoader(
-                data,
-                batch_size=None,  # each key is a whole index batch
-                sampler=batches,
-                num_workers=num_workers,
-                persistent_workers=True,
-                prefetch_factor=self.AHEAD,
-                pin_memory=pin,
-                # Its workers' seeds from a generator of its own: drawing them from the global
-                # one would shift dropout's draws, and the run would differ from the others'.
-                generator=torch.Generator().manual_seed(0),
-            )
+    def __init__(self, data: MappedBatches, batches: BatchIndices, threads: int = 4) -> None:
+        self.data, self.batches, self.threads = data, batches, threads
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __iter__(self) -> Iterator[Batch]:
-        if self.loader is not None:
-            return iter(self.loader)
-        return self._threaded()
-
-    def _threaded(self) -> Iterator[Batch]:
-        pool = ThreadPoolExecutor(self.THREADS, thread_name_prefix="cnnops-disk")
+        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cnnops-disk")
         pending: deque[Future[Batch]] = deque()
         try:
             for idx in self.batches:
@@ -353,7 +341,7 @@ class ImageData(L.LightningDataModule):
             )
         if self.placement_of(name) == "disk":
             data = MappedBatches(self._array(name), self.prepared.y[name], pin=self._pin)
-            return DiskBatches(data, BatchIndices(len(data), batch, **plan), self.num_workers)
+            return DiskBatches(data, BatchIndices(len(data), batch, **plan))
         pin = self.placement_of(name) == "host" and self._pin
         return TensorBatches(*self._split(name), batch, pin=pin, **plan)
 
