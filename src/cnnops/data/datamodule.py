@@ -14,7 +14,6 @@ from host memory, or from the memory map for disk.
 
 from __future__ import annotations
 
-import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -167,32 +166,23 @@ class MappedArray:
 
 
 class MappedBatches:
-    """Whole batches gathered from a (memory-mapped) uint8 array by one `index_select` each:
-    torch copies the rows in parallel with the GIL released, straight into (pinned) memory,
-    while the kernel pages them in from its cache or the disk (each row is one contiguous
-    stretch of the file)."""
+    """Whole batches gathered from a (memory-mapped) uint8 array by one `np.take` each, straight
+    into (pinned) tensor memory: the copy runs with the GIL released and on one core, so a few
+    reader threads work in parallel without crowding the training thread, while the kernel
+    pages rows in from its cache or the disk (each row is one contiguous stretch of the file)."""
 
     def __init__(self, x: np.ndarray | MappedArray, y: np.ndarray, pin: bool = False) -> None:
         self.x, self.y, self.pin = x, y, pin
-        self._source: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.y)
 
-    def source(self) -> torch.Tensor:
-        """The array as a tensor over the same memory: no copy, nothing read yet."""
-        if self._source is None:
-            array = self.x.array if isinstance(self.x, MappedArray) else self.x
-            with warnings.catch_warnings():  # a read-only map; nothing here writes to it
-                warnings.simplefilter("ignore", UserWarning)
-                self._source = torch.from_numpy(np.asarray(array))
-        return self._source
-
     def __getitem__(self, idx: torch.Tensor) -> Batch:
-        x = self.source()
-        out = torch.empty((len(idx), *x.shape[1:]), dtype=torch.uint8, pin_memory=self.pin)
-        torch.index_select(x, 0, idx, out=out)
-        y = torch.from_numpy(self.y[idx.numpy()])
+        array = np.asarray(self.x.array if isinstance(self.x, MappedArray) else self.x)
+        rows = idx.numpy()
+        out = torch.empty((len(rows), *array.shape[1:]), dtype=torch.uint8, pin_memory=self.pin)
+        np.take(array, rows, axis=0, out=out.numpy(), mode="clip")  # "clip": no buffered copy
+        y = torch.from_numpy(self.y[rows])
         return out, y.pin_memory() if self.pin else y
 
 
