@@ -151,11 +151,16 @@ def batched_flip_normalize(data: prepare.Prepared, device: torch.device):
     return prep
 
 
-def placement_loader(data: prepare.Prepared, placement: str, args: argparse.Namespace):
+def placement_loader(
+    data: prepare.Prepared, placement: str, args: argparse.Namespace, threads: int = 0
+):
     from cnnops.data.datamodule import ImageData
 
     module = ImageData(data, args.batch_size, seed=0, placement=placement, device=args.device)
-    return module.train_dataloader()
+    loader = module.train_dataloader()
+    if threads:
+        loader.threads = threads  # the disk placement's reader threads
+    return loader
 
 
 def main() -> None:
@@ -165,7 +170,13 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=20000, help="images in the synthetic folder")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=100, help="timed steps per variant")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=-1,
+        help="untimed steps first (default: one epoch, so every variant reads warm files: the "
+        "JPEGs for the typical stack, the memory map for disk)",
+    )
     parser.add_argument(
         "--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers"
     )
@@ -187,6 +198,8 @@ def main() -> None:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         images, data = prepared_folder(work, args.n)
+        if args.warmup < 0:
+            args.warmup = len(data.y["train"]) // args.batch_size
         print(
             f"device: {card}; {args.n} images ({len(data.y['train'])} in the training split) "
             f"at {SIZE} px, batch {args.batch_size}, {args.steps} steps after {args.warmup}, "
@@ -201,6 +214,9 @@ def main() -> None:
                 "typical", typical_loader(images, data, args), lambda x: x, model, args
             ),
             "disk": images_per_s("disk", placement_loader(data, "disk", args), prep, model, args),
+            "disk-4t": images_per_s(  # more reader threads than the default two
+                "disk-4t", placement_loader(data, "disk", args, threads=4), prep, model, args
+            ),
             "host": images_per_s("host", placement_loader(data, "host", args), prep, model, args),
         }
     print(f"\n{'variant':8s} {'images/s':>10s}   ({card})")

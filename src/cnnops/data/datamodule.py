@@ -187,8 +187,10 @@ class MappedBatches:
 
 
 class DiskBatches:
-    """Batches of `MappedBatches` read ahead of training by a few threads of this process
-    (the copies release the GIL), so nothing is pickled between processes.
+    """Batches of `MappedBatches` read ahead of training by two threads of this process (the
+    copies release the GIL), so nothing is pickled between processes. Two keep a ResNet-18 on
+    an H100 fed at the host placement's rate; four measured slower, crowding the training
+    thread (benchmarks/placement_speed.py).
 
     Not a DataLoader: Lightning would wrap the sampler in a distributed one, sharding
     batches that `BatchIndices` has already sharded by rank.
@@ -196,7 +198,7 @@ class DiskBatches:
 
     AHEAD = 6
 
-    def __init__(self, data: MappedBatches, batches: BatchIndices, threads: int = 4) -> None:
+    def __init__(self, data: MappedBatches, batches: BatchIndices, threads: int = 2) -> None:
         self.data, self.batches, self.threads = data, batches, threads
 
     def __len__(self) -> int:
