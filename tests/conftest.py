@@ -105,6 +105,22 @@ def sh(*args: str, cwd: Path) -> str:
     return result.stdout + result.stderr
 
 
+def git_dvc_project(path: Path) -> Path:
+    """Make `path` a git repository with a DVC project in it, as `git init && dvc init` would,
+    with a committer set and DVC's analytics off."""
+    sh("git", "init", "-q", cwd=path)
+    sh("git", "config", "user.email", "ci@example.com", cwd=path)
+    sh("git", "config", "user.name", "ci", cwd=path)
+    sh("dvc", "init", "-q", cwd=path)
+    sh("dvc", "config", "core.analytics", "false", cwd=path)
+    return path
+
+
+def set_args(*overrides: str) -> list[str]:
+    """`--set` options for a command line, one per `key=value` override."""
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
 def cnnops(*args: str, cwd: Path | None = None, check: bool = False) -> subprocess.CompletedProcess:
     """Run the installed `cnnops` console script as a user would."""
     result = subprocess.run([str(BIN / "cnnops"), *args], cwd=cwd, capture_output=True, text=True)

@@ -8,17 +8,13 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import cnnops
+from tests.conftest import cnnops, set_args
 
 pytestmark = pytest.mark.slow
 
 
 def train_json(*overrides: str) -> dict:
-    sets = [
-        a
-        for o in ["train.accelerator=cpu", "train.max_epochs=12", *overrides]
-        for a in ("--set", o)
-    ]
+    sets = set_args("train.accelerator=cpu", "train.max_epochs=12", *overrides)
     cnnops("train", *sets, check=True)
     return json.loads(Path("reports/train.json").read_text())
 
@@ -56,17 +52,13 @@ def test_preempted_ddp_run_stops_every_rank_and_resumes(workdir: Path, whom: str
 
     cnnops("fetch", check=True)
     cnnops("prepare", check=True)
-    sets = [
-        a
-        for o in [
-            "train.accelerator=cpu",
-            "train.devices=2",
-            "train.strategy=ddp",
-            "train.max_epochs=8",
-            "train.early_stopping.enabled=false",
-        ]
-        for a in ("--set", o)
-    ]
+    sets = set_args(
+        "train.accelerator=cpu",
+        "train.devices=2",
+        "train.strategy=ddp",
+        "train.max_epochs=8",
+        "train.early_stopping.enabled=false",
+    )
     proc = subprocess.Popen(
         [str(BIN / "cnnops"), "train", *sets],
         stdout=subprocess.DEVNULL,

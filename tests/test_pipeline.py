@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, set_params, sh
+from tests.conftest import ROOT, git_dvc_project, set_params, sh
 
 pytestmark = pytest.mark.slow
 STAGES = ["fetch", "prepare", "train", "tune", "register", "evaluate", "promote"]
@@ -28,12 +28,7 @@ def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         shutil.copy(ROOT / name, tmp_path / name)
     shutil.copytree(ROOT / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__"))
     set_params(tmp_path / "params.yaml", ["tune.n_trials=2"])  # the full study is benchmarked apart
-    sh("git", "init", "-q", cwd=tmp_path)
-    sh("git", "config", "user.email", "ci@example.com", cwd=tmp_path)
-    sh("git", "config", "user.name", "ci", cwd=tmp_path)
-    sh("dvc", "init", "-q", cwd=tmp_path)
-    sh("dvc", "config", "core.analytics", "false", cwd=tmp_path)
-    return tmp_path
+    return git_dvc_project(tmp_path)
 
 
 def test_repro_then_noop_then_experiment_reruns_only_train_and_evaluate(repo: Path) -> None:

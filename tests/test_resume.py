@@ -21,7 +21,7 @@ import torch
 
 from cnnops import tracking
 from cnnops.config import load_config
-from tests.conftest import BIN, cnnops
+from tests.conftest import BIN, cnnops, set_args
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ ARGS = [
 
 
 def sets(*extra: str) -> list[str]:
-    return [a for o in (*ARGS, *extra) for a in ("--set", o)]
+    return set_args(*ARGS, *extra)
 
 
 @pytest.fixture(scope="module")

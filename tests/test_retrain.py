@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from cnnops.retrain import write_overrides
-from tests.conftest import BIN, ROOT, sh
+from tests.conftest import BIN, ROOT, git_dvc_project, sh
 
 STAGES = ["fetch", "prepare", "train", "tune", "register", "evaluate", "promote"]
 MARKER = "<!-- cnnops-retrain-report -->"
@@ -43,12 +43,7 @@ def init_repo(path: Path, tiny: list[str]) -> Path:
     shutil.copytree(ROOT / "src", path / "src", ignore=shutil.ignore_patterns("__pycache__"))
     if tiny:  # the round trip `retrain --set` uses: params.yaml keeps its comments
         write_overrides(path / "params.yaml", tiny)
-    sh("git", "init", "-q", cwd=path)
-    sh("git", "config", "user.email", "ci@example.com", cwd=path)
-    sh("git", "config", "user.name", "ci", cwd=path)
-    sh("dvc", "init", "-q", cwd=path)
-    sh("dvc", "config", "core.analytics", "false", cwd=path)
-    return path
+    return git_dvc_project(path)
 
 
 def commit(repo: Path, message: str) -> None:

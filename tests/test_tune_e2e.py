@@ -18,7 +18,7 @@ import pytest
 
 from cnnops import studies, tracking
 from cnnops.config import load_config
-from tests.conftest import BIN, cnnops, postgres_database
+from tests.conftest import BIN, cnnops, postgres_database, set_args
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ TINY = [
 
 
 def sets(*overrides: str) -> list[str]:
-    return [arg for o in (*TINY, *overrides) for arg in ("--set", o)]
+    return set_args(*TINY, *overrides)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from cnnops.data.sources import original_name
-from tests.conftest import cnnops
+from tests.conftest import cnnops, set_args
 
 CLASSES = ("cats", "dogs")
 PER_CLASS = 6
@@ -52,7 +52,7 @@ def folder(tmp_path: Path) -> Path:
 def imagefolder(url: str | Path, *overrides: str) -> list[str]:
     """The `--set` options that point the pipeline at an image folder or archive."""
     sets = ["fetch.source=imagefolder", f"fetch.url={url}", "prepare.image_size=16", *overrides]
-    return [arg for s in sets for arg in ("--set", s)]
+    return set_args(*sets)
 
 
 def fetch_and_prepare(url: str | Path, *overrides: str) -> subprocess.CompletedProcess:

@@ -96,22 +96,9 @@ class TensorBatches:
     """
 
     def __init__(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        batch_size: int,
-        shuffle: bool,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        drop_last: bool = False,
-        epoch_of: Callable[[], int] | None = None,
-        pin: bool = False,
+        self, x: torch.Tensor, y: torch.Tensor, batches: BatchIndices, pin: bool = False
     ) -> None:
-        self.x, self.y, self.pin = x, y, pin
-        self.batches = BatchIndices(
-            len(y), batch_size, shuffle, seed, rank, world_size, drop_last, epoch_of
-        )
+        self.x, self.y, self.batches, self.pin = x, y, batches, pin
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -331,11 +318,12 @@ class ImageData(L.LightningDataModule):
                 drop_last=size > 1,
                 epoch_of=lambda: self.trainer.current_epoch if self.trainer else 0,
             )
+        batches = BatchIndices(len(self.prepared.y[name]), batch, **plan)
         if self.placement_of(name) == "disk":
             data = MappedBatches(self._array(name), self.prepared.y[name], pin=self._pin)
-            return DiskBatches(data, BatchIndices(len(data), batch, **plan))
+            return DiskBatches(data, batches)
         pin = self.placement_of(name) == "host" and self._pin
-        return TensorBatches(*self._split(name), batch, pin=pin, **plan)
+        return TensorBatches(*self._split(name), batches, pin=pin)
 
     def _array(self, name: str) -> np.ndarray | MappedArray:
         return MappedArray.wrap(self.prepared.x[name])
