@@ -105,7 +105,7 @@ def test_an_image_folder_prepares_in_worker_processes_through_the_cache(
     assert "82 images: 2 decoded, 80 from the cache" in capfd.readouterr().err
 
 
-def test_the_cache_folder_must_be_preparess_own(tmp_path: Path) -> None:
+def test_the_cache_folder_must_be_prepares_own(tmp_path: Path) -> None:
     from cnnops.errors import DataError
 
     folder = make_folder_of(tmp_path / "pets", per_class=3)
@@ -117,6 +117,12 @@ def test_the_cache_folder_must_be_preparess_own(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="prepared.cache: exists and was not created by cnnops"):
         prepare.prepare(config, tmp_path / "raw", tmp_path / "prepared", tmp_path / "data.json")
     assert (mine / "notes.txt").read_text() == "a user's file"
+    (mine / "notes.txt").unlink()
+    mine.rmdir()
+    mine.write_text("a user's file where the cache goes")
+    with pytest.raises(DataError, match="prepared.cache: exists and was not created by cnnops"):
+        prepare.prepare(config, tmp_path / "raw", tmp_path / "prepared", tmp_path / "data.json")
+    assert mine.read_text() == "a user's file where the cache goes"
 
 
 @pytest.mark.slow

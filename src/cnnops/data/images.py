@@ -189,12 +189,15 @@ class Cache:
 
     def open(self) -> None:
         """Create the folder (marked as prepare's), or check that an existing one is ours."""
+        theirs = (
+            f"{self.folder}: exists and was not created by cnnops prepare, which keeps its "
+            "decoded-image cache there; move it away or point paths.prepared elsewhere"
+        )
+        if os.path.lexists(self.folder) and not self.folder.is_dir():
+            raise DataError(theirs)
         if self.folder.is_dir() and any(self.folder.iterdir()):
             if made_by(self.folder) != "prepare":
-                raise DataError(
-                    f"{self.folder}: exists and was not created by cnnops prepare, which keeps "
-                    "its decoded-image cache there; move it away or point paths.prepared elsewhere"
-                )
+                raise DataError(theirs)
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         mark(self.folder, "prepare")
