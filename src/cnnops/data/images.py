@@ -20,10 +20,14 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path, PurePath
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cnnops.errors import DataError
+
+if TYPE_CHECKING:
+    from PIL import Image
 from cnnops.runs import die_with_parent, made_by, mark
 
 JUNK_NAMES = {"Thumbs.db", "desktop.ini", "__MACOSX"}
@@ -136,11 +140,10 @@ class Target:
         return h.hexdigest()
 
 
-def _to_8bit(img: object) -> object:
+def _to_8bit(img: Image.Image) -> Image.Image:
     """16- and 32-bit integer and float images as 8-bit grayscale, scaled, not clipped."""
     from PIL import Image
 
-    assert isinstance(img, Image.Image)
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         a = np.asarray(img).astype(np.float64)
         top = 65535.0 if img.mode != "I" or a.max(initial=0) > 255 else 255.0
@@ -166,7 +169,7 @@ def decode(content: bytes, target: Target) -> np.ndarray | str:
                     return f"{w}x{h} pixels, below prepare.min_side = {target.min_side}"
                 mode = "L" if target.channels == 1 else "RGB"
                 opened.draft(mode, (target.size, target.size))  # JPEG: decode at reduced scale
-                img = ImageOps.exif_transpose(_to_8bit(opened))  # type: ignore[arg-type]
+                img = ImageOps.exif_transpose(_to_8bit(opened))
                 if img.mode == "P" or (img.mode in ("LA", "La", "PA") and mode == "RGB"):
                     img = img.convert("RGBA")
                 img = img.convert(mode).resize(
@@ -281,9 +284,9 @@ def decode_all(files: list[Path], cache: Cache, workers: int) -> list[Verdict]:
             workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init
         )
         try:
-            for part in pool.map(_batch, _chunks(files, chunk), repeat(cache)):
-                verdicts += part
-                bar.update(len(part))
+            for done in pool.map(_batch, _chunks(files, chunk), repeat(cache)):
+                verdicts += done
+                bar.update(len(done))
         except BaseException:  # a signal or an error: drop the queued work, don't finish it
             pool.shutdown(wait=False, cancel_futures=True)
             raise
