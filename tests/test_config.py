@@ -10,9 +10,16 @@ import pytest
 from typer.testing import CliRunner
 
 from cnnops.cli import app
-from cnnops.config import Config, apply_override, flatten, load_config
+from cnnops.config import Config, apply_override, flatten
+from cnnops.config import load_config as load_params
 from cnnops.errors import ConfigError
+from cnnops.models import check_architecture
 from tests.conftest import ROOT, cnnops
+
+
+def load_config(path: Path, overrides: list[str] | None = None) -> Config:
+    """params as the CLI loads them: with the architecture's checks."""
+    return load_params(path, overrides, check_architecture)
 
 
 def write(path: Path, text: str) -> Path:
@@ -189,8 +196,11 @@ def test_more_devices_than_gpus_is_refused(accelerator: str) -> None:
 def test_the_runtime_check_leaves_torch_unimported_for_a_cpu_config() -> None:
     code = (
         "import sys; from pathlib import Path; from cnnops import config as c\n"
-        "for cfg in (c.Config(), c.Config(train={'accelerator': 'cpu', 'devices': 4})):\n"
+        "from cnnops.models import check_architecture\n"
+        "for cfg in (c.Config(), c.Config(train={'accelerator': 'cpu', 'devices': 4}),\n"
+        "            c.Config(model={'name': 'inception_v3', 'weights': 'w.pth'})):\n"
         "    c.check_paths(cfg.paths, Path.cwd()); c.check_space(cfg); c.check_runtime(cfg)\n"
+        "    check_architecture(cfg)\n"
         "print('torch' in sys.modules)\n"
     )
     out = subprocess.run(
@@ -211,7 +221,8 @@ def test_the_runtime_check_leaves_torch_unimported_for_a_cpu_config() -> None:
         ("tune.space.dropout_fc=['0.1', 0.5]", "tune.space.dropout_fc[0] = '0.1': Input should"),
         ("tune.space.l1=[false, 0.1]", "tune.space.l1[0] = False: Input should be a valid number"),
         ("tune.space.dropout_fc=[0.1, 0.2, 0.3]", "Tuple should have at most 2 items"),
-        ("tune.space.dropout=[0.1, 0.2]", "unknown key 'tune.space.dropout'"),
+        ("tune.space.dropuot=[0.1, 0.2]", "unknown key 'tune.space.dropuot'"),
+        ("tune.space.dropout=[0.1, 0.2]", "model 'seed_cnn' has no such lever (it honours ["),
         ("tune.space.dropout_fc=[0.0, 1.0]", "1.0 is not a valid model.dropout_fc"),
         ("tune.space.augment_strength=[0.0, 2.0]", "2.0 is not a valid augment.strength"),
         ("tune.space.lr=[0.001, 20]", "20.0 is not a valid train.optimizer.lr (Input should be"),
@@ -222,3 +233,81 @@ def test_show_config_rejects_a_bad_search_space(workdir: Path, override: str, cu
     assert status == 2 and stderr.count("\n") == 1
     assert stderr.startswith(f"cnnops show-config: error: --set {override}: ")
     assert culprit in stderr
+
+
+@pytest.mark.parametrize(
+    ("model", "culprit"),
+    [
+        (
+            "{name: resnet50, conv: [{filters: 8}]}",
+            "unknown key 'model.conv' (value [{'filters': 8}]); model (name: resnet50) takes "
+            "['dropout', 'freeze', 'input_size', 'name', 'unfreeze_epoch', 'weights', "
+            "'weights_sha256']",
+        ),
+        (
+            "{name: seed_cnn, dropout: 0.2}",
+            "unknown key 'model.dropout' (value 0.2); model (name: seed_cnn) takes ['batch_norm', 'conv',",
+        ),
+        (
+            "{name: vgg99}",
+            "model.name = 'vgg99': unknown model; choose one of ['efficientnet_b0', 'inception_v3', 'mobilenet_v2', 'resnet18', 'resnet50', 'seed_cnn', 'vgg16']",
+        ),
+        (
+            "{name: mobilenet_v2, freeze: backbone}",
+            "model.freeze = 'backbone': needs model.weights",
+        ),
+        (
+            "{name: mobilenet_v2, unfreeze_epoch: 2}",
+            "model.unfreeze_epoch = 2: needs freeze: backbone",
+        ),
+        (
+            "{name: mobilenet_v2, weights_sha256: abc}",
+            "model.weights_sha256 = 'abc': String should match pattern",
+        ),
+        (
+            "{name: vgg16}",
+            "prepare.image_size = 8: vgg16 takes images of at least 32x32; set model.input_size",
+        ),
+        (
+            "{name: inception_v3, input_size: 96}",
+            "model.input_size = 96: inception_v3 takes images of at least 299x299",
+        ),
+    ],
+)
+def test_each_architecture_takes_only_its_own_keys(
+    tmp_path: Path, model: str, culprit: str
+) -> None:
+    params = write(tmp_path / "params.yaml", f"model: {model}\n")
+    result = cnnops("show-config", "--params", str(params), cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"cnnops show-config: error: {params}: "), result.stderr
+    assert culprit in result.stderr
+
+
+def test_a_study_over_a_lever_the_model_lacks_is_refused_and_defaults_are_left_out(
+    tmp_path: Path,
+) -> None:
+    from cnnops.tune import active_levers
+
+    params = write(
+        tmp_path / "params.yaml", "model: {name: mobilenet_v2}\nprepare: {image_size: 32}\n"
+    )
+    config = load_config(params)  # the default space holds the seed CNN's levers: left out
+    assert set(active_levers(config)) == {"dropout", "weight_decay", "l1", "lr"}
+    with pytest.raises(
+        ConfigError,
+        match=r"tune.space.noise_std = \[0.0, 0.1\]: model 'mobilenet_v2' has no such lever",
+    ):
+        load_config(params, ["tune.space.noise_std=[0.0, 0.1]"])
+    seed = load_config(write(tmp_path / "seed.yaml", "model: {name: seed_cnn}\n"))
+    assert "dropout" not in active_levers(seed) and "dropout_fc" in active_levers(seed)
+
+
+def test_unfreezing_under_ddp_is_refused(tmp_path: Path) -> None:
+    params = write(
+        tmp_path / "params.yaml",
+        "model: {name: mobilenet_v2, weights: w.pth, freeze: backbone, unfreeze_epoch: 1}\n"
+        "train: {strategy: ddp, accelerator: cpu, devices: 2}\n",
+    )
+    with pytest.raises(ConfigError, match=r"params.yaml: model.unfreeze_epoch = 1: DDP fixes"):
+        load_config(params)

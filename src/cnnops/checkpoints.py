@@ -30,7 +30,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _why_unreadable(path: Path, error: BaseException) -> str:
+def why_unreadable(path: Path, error: BaseException) -> str:
     """A few words on why torch could not load `path`, never torch's own advice."""
     text = str(error)
     refused = re.search(r"GLOBAL ([\w.]+)", text)
@@ -60,7 +60,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             warnings.simplefilter("ignore", UserWarning)
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # garbage fails in many ways (KeyError, EOFError, UnpicklingError...)
-        raise DataError(f"{path}: checkpoint unreadable: {_why_unreadable(path, e)}") from None
+        raise DataError(f"{path}: checkpoint unreadable: {why_unreadable(path, e)}") from None
     if not isinstance(checkpoint, dict):
         raise DataError(
             f"{path}: checkpoint unreadable: holds a {type(checkpoint).__name__}, "

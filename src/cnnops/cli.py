@@ -57,8 +57,9 @@ def clear_errors(fn: F) -> F:
 
 def _config(params: Path, overrides: list[str] | None) -> Any:
     from cnnops.config import load_config
+    from cnnops.models import check_architecture
 
-    return load_config(params, overrides)
+    return load_config(params, overrides, check=check_architecture)
 
 
 def _print(data: dict[str, Any]) -> None:
@@ -139,6 +140,40 @@ def augment_preview(
     x = prepare.load(config.paths.prepared, mmap=True).x["train"]
     path = out or config.paths.reports / "augment_preview.png"
     typer.echo(write_preview(config.augment, x, path, n, draws, seed=config.train.seed))
+
+
+@app.command()
+@clear_errors
+def weights(
+    name: Annotated[
+        str,
+        typer.Argument(
+            help="resnet18, resnet50, vgg16, inception_v3, efficientnet_b0 or mobilenet_v2."
+        ),
+    ],
+    dir_: Annotated[Path, typer.Option("--dir", help="The folder to write into.")] = Path(
+        "weights"
+    ),
+    mirror: Annotated[
+        str | None,
+        typer.Option(
+            help="A folder or file:// URL holding torchvision's files under their own names, "
+            "read instead of download.pytorch.org."
+        ),
+    ] = None,
+) -> None:
+    """Fetch torchvision's ImageNet weights for NAME, verified, and print the params.yaml lines."""
+    from cnnops.weights import fetch_weights
+
+    got = fetch_weights(name, dir_, mirror)
+    path = got.path.as_posix()
+    done = f"fetched from {got.source}" if got.source else "already there and verified, unchanged"
+    typer.echo(f"{path}: {done}")
+    typer.echo(f"sha256: {got.sha256}")
+    typer.echo("params.yaml:")
+    typer.echo(f"  model.weights: {path}")
+    typer.echo(f"  model.weights_sha256: {got.sha256}")
+    typer.echo(f"track it with DVC: dvc add {path}")
 
 
 @app.command()

@@ -6,13 +6,15 @@ import io
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     Strict,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -105,8 +107,14 @@ class Pooling(Section):
     size: Annotated[int, Field(ge=2, le=8)] = 2
 
 
-class Model(Section):
-    name: str = "seed_cnn"
+COMMON_LEVERS = frozenset({"weight_decay", "l1", "augment_strength", "lr"})
+"""Tuning levers every architecture honours: they act on the optimizer, the loss or the data."""
+
+
+class SeedCnn(Section):
+    """The seed CNN, built from params: conv blocks, pooling, FC layers, softmax."""
+
+    name: Literal["seed_cnn"] = "seed_cnn"
     conv: list[ConvBlock] = Field(
         default_factory=lambda: [ConvBlock(filters=32), ConvBlock(filters=64)], min_length=1
     )
@@ -118,6 +126,116 @@ class Model(Section):
     noise_std: Annotated[float, Field(ge=0.0, le=10.0)] = 0.0
     """Std of Gaussian noise added to hidden activations while training (0 disables)."""
 
+    levers: ClassVar[frozenset[str]] = COMMON_LEVERS | {
+        "dropout_conv",
+        "dropout_fc",
+        "batch_norm",
+        "noise_std",
+    }
+
+
+class Zoo(Section):
+    """A torchvision architecture: from scratch, or fine-tuned from ImageNet weights in a file."""
+
+    name: str
+    weights: Path | None = None
+    """A torchvision-format state dict (`cnnops weights NAME` fetches one); None trains from
+    scratch. Relative to the project folder; track it with DVC."""
+    weights_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+    """Checked before loading. Setting it also makes DVC see new weights as a params change."""
+    freeze: Literal["none", "backbone"] = "none"
+    """backbone: train the new head only (batch norm statistics frozen too) ..."""
+    unfreeze_epoch: Annotated[int, Field(ge=1, le=10000)] | None = None
+    """... then the whole network from this epoch (0-based); None keeps the backbone frozen."""
+    dropout: Fraction = 0.0
+    """Dropout before the new classifier head."""
+    input_size: Annotated[int, Field(ge=8, le=1024)] | None = None
+    """The square size the network sees; batches are resized on the device when the prepared
+    images differ. Default: the architecture's native size with weights, else the data's size."""
+
+    levers: ClassVar[frozenset[str]] = COMMON_LEVERS | {"dropout"}
+
+    @model_validator(mode="after")
+    def _schedule_needs_weights(self) -> Zoo:
+        if self.weights_sha256 and self.weights is None:
+            raise ValueError(
+                "model.weights_sha256 = '…': set, but model.weights is not; name the weights file"
+            )
+        if self.freeze == "backbone" and self.weights is None:
+            raise ValueError(
+                "model.freeze = 'backbone': needs model.weights, a random backbone frozen learns "
+                "nothing; set model.weights or freeze: none"
+            )
+        if self.unfreeze_epoch is not None and self.freeze != "backbone":
+            raise ValueError(
+                f"model.unfreeze_epoch = {self.unfreeze_epoch}: needs freeze: backbone "
+                "(nothing is frozen)"
+            )
+        return self
+
+
+class Resnet18(Zoo):
+    name: Literal["resnet18"] = "resnet18"
+
+
+class Resnet50(Zoo):
+    name: Literal["resnet50"] = "resnet50"
+
+
+class Vgg16(Zoo):
+    name: Literal["vgg16"] = "vgg16"
+    dropout: Fraction = 0.5
+
+
+class InceptionV3(Zoo):
+    """Trained with its auxiliary classifier (loss weight 0.4); exported without it."""
+
+    name: Literal["inception_v3"] = "inception_v3"
+    dropout: Fraction = 0.5
+
+
+class EfficientNetB0(Zoo):
+    name: Literal["efficientnet_b0"] = "efficientnet_b0"
+    dropout: Fraction = 0.2
+
+
+class MobileNetV2(Zoo):
+    name: Literal["mobilenet_v2"] = "mobilenet_v2"
+    dropout: Fraction = 0.2
+
+
+ARCHITECTURES: dict[str, type[SeedCnn | Zoo]] = {
+    cls.model_fields["name"].default: cls
+    for cls in (SeedCnn, Resnet18, Resnet50, Vgg16, InceptionV3, EfficientNetB0, MobileNetV2)
+}
+"""Each architecture's section by `model.name`."""
+
+
+def _model_name(value: Any) -> str:
+    name = value.get("name", "seed_cnn") if isinstance(value, dict) else value.name
+    return name if name in ARCHITECTURES else "unknown"
+
+
+Model = Annotated[
+    Annotated[SeedCnn, Tag("seed_cnn")]
+    | Annotated[Resnet18, Tag("resnet18")]
+    | Annotated[Resnet50, Tag("resnet50")]
+    | Annotated[Vgg16, Tag("vgg16")]
+    | Annotated[InceptionV3, Tag("inception_v3")]
+    | Annotated[EfficientNetB0, Tag("efficientnet_b0")]
+    | Annotated[MobileNetV2, Tag("mobilenet_v2")],
+    Discriminator(_model_name),
+]
+"""`model`: one section per architecture, told apart by `name` (seed_cnn when unset), so each
+accepts only its own keys."""
+
+
+def parse_model(data: dict[str, Any]) -> SeedCnn | Zoo:
+    """A `model` section from its dumped form (as a checkpoint's hyperparameters hold it)."""
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(Model).validate_python(data)  # type: ignore[no-any-return]
+
 
 class Optimizer(Section):
     name: Literal["adamw", "adam", "sgd"] = "adamw"
@@ -125,6 +243,9 @@ class Optimizer(Section):
     weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 1e-4
     """L2 penalty, applied as decoupled weight decay (adamw) or coupled (adam, sgd)."""
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    backbone_lr_mult: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    """Pretrained architectures: the backbone's learning rate is lr times this; the new head
+    takes lr itself."""
 
 
 class Scheduler(Section):
@@ -206,6 +327,7 @@ Range = tuple[Number, Number]
 LEVERS = {
     "dropout_conv": "model.dropout_conv",
     "dropout_fc": "model.dropout_fc",
+    "dropout": "model.dropout",
     "weight_decay": "train.optimizer.weight_decay",
     "l1": "train.l1",
     "batch_norm": "model.batch_norm",
@@ -218,10 +340,14 @@ LOG_SCALE = frozenset({"weight_decay", "lr"})
 
 class Space(Section):
     """Ranges of the tuned levers ([low, high], or the choices of batch_norm); null leaves a
-    lever out of the search. `check_space` checks each end is a valid value of its lever."""
+    lever out of the search. `check_space` checks each end is a valid value of its lever.
+    A lever the model does not honour (`levers` of its section) is left out while at its
+    default here, and refused when set."""
 
     dropout_conv: Range | None = (0.0, 0.5)
     dropout_fc: Range | None = (0.0, 0.6)
+    dropout: Range | None = (0.0, 0.5)
+    """The dropout before a pretrained architecture's head."""
     weight_decay: Range | None = (1e-6, 1e-2)
     """Sampled on a log scale."""
     l1: Range | None = (0.0, 1e-4)
@@ -328,7 +454,7 @@ class Config(Section):
     paths: Paths = Paths()
     fetch: Fetch = Fetch()
     prepare: Prepare = Prepare()
-    model: Model = Model()
+    model: Model = SeedCnn()
     augment: Augment = Augment()
     train: Train = Train()
     evaluate: Evaluate = Evaluate()
@@ -343,6 +469,22 @@ class Config(Section):
             raise ValueError(
                 "train.sync_batchnorm = true: PyTorch's SyncBatchNorm runs on GPUs only; "
                 "set it false with accelerator: cpu"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _schedule_fits_model(self) -> Config:
+        opt = self.train.optimizer
+        if opt.backbone_lr_mult != 1.0 and not isinstance(self.model, Zoo):
+            raise ValueError(
+                f"train.optimizer.backbone_lr_mult = {opt.backbone_lr_mult:g}: {self.model.name} "
+                "has no pretrained backbone; leave it at 1 or pick a torchvision architecture"
+            )
+        unfreeze = getattr(self.model, "unfreeze_epoch", None)
+        if unfreeze is not None and self.train.strategy == "ddp":
+            raise ValueError(
+                f"model.unfreeze_epoch = {unfreeze}: DDP fixes the trained parameters when it "
+                "starts; with strategy: ddp keep the backbone frozen (no unfreeze_epoch) or free"
             )
         return self
 
@@ -447,19 +589,65 @@ def _loc(parts: tuple[int | str, ...]) -> str:
     return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".")
 
 
+def _section_class(cls: type[BaseModel], part: str) -> type[BaseModel] | None:
+    """The section class a key of `cls` holds (directly, in a list, or as an optional)."""
+    import typing
+
+    field = cls.model_fields.get(part)
+    todo = [field.annotation] if field else []
+    while todo:
+        kind = todo.pop()
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            return kind
+        todo += typing.get_args(kind)
+    return None
+
+
+def _allowed_keys(parts: tuple[int | str, ...]) -> list[str]:
+    """The keys of the section at `parts` (the path of the unknown key, a tag after `model`)."""
+    cls: type[BaseModel] | None = Config
+    rest = list(parts[:-1])
+    while rest and cls is not None:
+        part = rest.pop(0)
+        if isinstance(part, int):
+            continue
+        if cls is Config and part == "model":
+            cls = ARCHITECTURES.get(str(rest.pop(0)) if rest else "seed_cnn")
+        else:
+            cls = _section_class(cls, part)
+    return sorted(cls.model_fields) if cls else []
+
+
 def _format_error(where: Where, err: ValidationError) -> str:
     first = err.errors()[0]
-    # A union (train.devices: int | "auto") adds the branch to the location: not a key.
-    loc = _loc(tuple(p for p in first["loc"] if isinstance(p, int) or "[" not in p))
-    loc = loc.removesuffix(".constrained-int").removesuffix(".int")
+    parts = tuple(first["loc"])
     value = first.get("input")
-    if first["type"] == "extra_forbidden":
+    if first["type"] == "union_tag_invalid" and parts == ("model",):
+        name = value.get("name") if isinstance(value, dict) else value
         return (
-            f"{where(loc)}: unknown key {loc!r} (value {value!r}); check the spelling against "
-            "`cnnops show-config`"
+            f"{where('model.name')}: model.name = {name!r}: unknown model; choose one of "
+            f"{sorted(ARCHITECTURES)}"
         )
-    what = f"{loc} = {value!r}" if loc else "params"
-    return f"{where(loc)}: {what}: {first['msg'].removeprefix('Value error, ')}"
+    # A union (train.devices: int | "auto") adds the branch to the location: not a key.
+    shown = tuple(p for p in parts if isinstance(p, int) or "[" not in p)
+    if shown[:1] == ("model",) and len(shown) > 1 and shown[1] in ARCHITECTURES:
+        shown = shown[:1] + shown[2:]  # the architecture's tag, not a key
+    loc = _loc(shown).removesuffix(".constrained-int").removesuffix(".int")
+    if first["type"] == "extra_forbidden":
+        section = loc.rpartition(".")[0] or "params"
+        if loc.startswith("model.") and isinstance(parts[1], str):
+            section = f"model (name: {parts[1]})"
+        return (
+            f"{where(loc)}: unknown key {loc!r} (value {value!r}); {section} takes "
+            f"{_allowed_keys(parts)}"
+        )
+    message = first["msg"].removeprefix("Value error, ")
+    found = _LEADING_KEY.match(message)
+    if found:  # a check of a whole section leads its message with the key to blame
+        return f"{where(found.group(1))}: {message}"
+    if not loc:
+        return f"{where('')}: params: {message}"
+    return f"{where(loc)}: {loc} = {value!r}: {message}"
 
 
 def _params(key: str) -> str:
@@ -543,11 +731,22 @@ def _lever(config: Config, key: str) -> tuple[BaseModel, str]:
 
 def check_space(config: Config, where: Where = _params) -> None:
     """Raise ConfigError unless each end of each `tune.space` range (each choice) is a valid
-    value of its lever, as the section that holds the lever validates it."""
-    for name, choices in config.tune.space:
+    value of its lever, as the section that holds the lever validates it, and every lever set
+    in params is one the model honours."""
+    space = config.tune.space
+    for name, choices in space:
         if choices is None:
             continue
         key = f"tune.space.{name}"
+        if name not in config.model.levers:
+            if name not in space.model_fields_set:
+                continue  # a default range of a lever this model lacks: left out of the study
+            raise _fail(
+                where,
+                key,
+                f"{key} = {list(choices)}: model {config.model.name!r} has no such lever "
+                f"(it honours {sorted(config.model.levers)}); set it null or remove it",
+            )
         section, leaf = _lever(config, LEVERS[name])
         for value in choices:
             try:
@@ -595,9 +794,14 @@ def check_runtime(config: Config, where: Where = _params) -> None:
 _LEADING_KEY = re.compile(r"^([A-Za-z_][\w.\[\]]*) = ")
 
 
-def load_config(path: Path = Path("params.yaml"), overrides: list[str] | None = None) -> Config:
+def load_config(
+    path: Path = Path("params.yaml"),
+    overrides: list[str] | None = None,
+    check: Callable[[Config], None] | None = None,
+) -> Config:
     """Load and validate params.yaml plus `--set` overrides; raise ConfigError naming the key
-    and where its value came from (the file, or the `--set` that assigned it)."""
+    and where its value came from (the file, or the `--set` that assigned it). `check` runs
+    further checks whose errors lead with a key (the CLI passes the model's shape checks)."""
     overrides = list(overrides or [])
     data = read_params(path)
     for assignment in overrides:
@@ -609,10 +813,9 @@ def load_config(path: Path = Path("params.yaml"), overrides: list[str] | None = 
         raise ConfigError(_format_error(where, e)) from None
     check_paths(config.paths, path.parent, where)
     check_space(config, where)
-    from cnnops.models import check_architecture
-
     try:
-        check_architecture(config)
+        if check is not None:
+            check(config)
         if config.augment.transforms:  # only then is Albumentations worth importing
             from cnnops.augment import check_spec
 

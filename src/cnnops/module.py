@@ -9,9 +9,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cnnops.config import Model, Train
+from cnnops.config import Train, Zoo, parse_model
 from cnnops.graphs import CapturedStep
-from cnnops.models import build_model
+from cnnops.models import build_model, net_input_size
+
+AUX_WEIGHT = 0.4
+"""Weight of an auxiliary classifier's loss (Inception-v3; Szegedy et al., 2016)."""
 
 
 class Classifier(L.LightningModule):
@@ -32,8 +35,11 @@ class Classifier(L.LightningModule):
         super().__init__()
         # Everything needed to rebuild the model (and the resolved config) rides in the checkpoint.
         self.save_hyperparameters()
-        self.spec, self.train_spec = Model(**model), Train(**train)
-        self.net = build_model(self.spec, in_channels, num_classes, image_size)
+        self.spec, self.train_spec = parse_model(model), Train(**train)
+        # The network's side; batches of another size are resized on the device.
+        self.input_size = net_input_size(self.spec, image_size)
+        self.net = build_model(self.spec, in_channels, num_classes, self.input_size)
+        self.apply_freeze(epoch=0)  # before DDP, which fixes the trained parameters, wraps it
         mean_t, std_t = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
         self.register_buffer("mean", mean_t)
         self.register_buffer("std", std_t)
@@ -66,10 +72,44 @@ class Classifier(L.LightningModule):
         if "cnnops_rng" in checkpoint:
             set_rng_state(checkpoint["cnnops_rng"], self.gpu_augment)
 
+    def frozen(self, epoch: int) -> bool:
+        """Whether the pretrained backbone is frozen during `epoch` (0-based)."""
+        spec = self.spec
+        if not isinstance(spec, Zoo) or spec.freeze != "backbone":
+            return False
+        return spec.unfreeze_epoch is None or epoch < spec.unfreeze_epoch
+
+    def is_head(self, parameter: str) -> bool:
+        """Whether a parameter of `net` belongs to the head (all of a network built from params)."""
+        if not isinstance(self.spec, Zoo):
+            return True
+        from cnnops.models.zoo import is_head
+
+        return is_head(self.spec.name, parameter)
+
+    def apply_freeze(self, epoch: int) -> None:
+        """Freeze or free the backbone for `epoch`: its parameters take no gradient and its
+        batch norm layers keep their ImageNet statistics while frozen."""
+        if not isinstance(self.spec, Zoo) or self.spec.freeze != "backbone":
+            return
+        frozen = self.frozen(epoch)
+        for name, p in self.net.named_parameters():
+            if not self.is_head(name):
+                p.requires_grad_(not frozen)
+        for m in self.net.modules():  # the heads are linear layers: every batch norm is backbone
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.train(self.training and not frozen)
+
+    def on_train_epoch_start(self) -> None:
+        self.apply_freeze(self.current_epoch)
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 pixels → standardized floats; float input is taken as already standardized."""
+        """uint8 pixels → standardized floats at the network's size; float input is taken as
+        already standardized."""
         if x.dtype == torch.uint8:
-            return self.standardize(x.float())
+            x = self.standardize(x.float())
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear")
         return x
 
     def standardize(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,13 +140,15 @@ class Classifier(L.LightningModule):
         channels_last on CUDA."""
         if train and self.gpu_augment is not None and x.dtype == torch.uint8:
             x = self.standardize(self.gpu_augment(x))
-        x = self.normalize(x)
+        x = self.normalize(x)  # a no-op where augmentation standardized it at the right size
         if x.is_cuda and self.train_spec.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, stage: str) -> torch.Tensor:
-        logits = self.net(x)
+        logits, aux = self.net(x), None
+        if isinstance(logits, tuple):  # an auxiliary classifier's logits ride along in training
+            logits, aux = logits
         smoothing = self.train_spec.label_smoothing if stage == "train" else 0.0
         loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
         # Sums stay on the device, added in place, and are read once per epoch: no GPU sync per
@@ -116,6 +158,8 @@ class Classifier(L.LightningModule):
         if sums is None:
             self._sums[stage] = sums = torch.zeros_like(stats)
         sums.add_(stats)
+        if aux is not None:  # trained, not reported: the metrics are the main classifier's
+            loss = loss + AUX_WEIGHT * F.cross_entropy(aux, y, label_smoothing=smoothing)
         return loss
 
     def _count(self, stage: str, n: int) -> None:
@@ -143,7 +187,7 @@ class Classifier(L.LightningModule):
         self.log_dict(self.epoch_metrics("test"))
 
     def l1_penalty(self) -> torch.Tensor:
-        weights = [p for n, p in self.net.named_parameters() if p.ndim > 1]
+        weights = [p for p in self.net.parameters() if p.ndim > 1 and p.requires_grad]
         return torch.stack([w.abs().sum() for w in weights]).sum()
 
     def _train_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -204,12 +248,17 @@ class Classifier(L.LightningModule):
     def configure_optimizers(self) -> Any:
         opt, sched = self.train_spec.optimizer, self.train_spec.scheduler
         # L2 acts on weights only: decaying biases and batch-norm scales fights normalization.
-        decay = [p for p in self.parameters() if p.ndim > 1]
-        rest = [p for p in self.parameters() if p.ndim <= 1]
-        groups = [
-            {"params": decay, "weight_decay": opt.weight_decay},
-            {"params": rest, "weight_decay": 0.0},
-        ]
+        # A pretrained backbone learns at lr * backbone_lr_mult; the head (first: the lr logged)
+        # at lr. Frozen parameters are in their groups too: they get no gradient until freed.
+        groups = []
+        for head in (True, False):
+            params = [p for n, p in self.net.named_parameters() if self.is_head(n) == head]
+            lr = opt.lr if head else opt.lr * opt.backbone_lr_mult
+            for decay in (True, False):
+                chosen = [p for p in params if (p.ndim > 1) == decay]
+                wd = opt.weight_decay if decay else 0.0
+                if chosen:
+                    groups.append({"params": chosen, "weight_decay": wd, "lr": lr})
         # One fused kernel per step instead of one per tensor group: small models are launch-bound.
         fused = True if self.device.type == "cuda" else None
         if opt.name == "sgd":
@@ -236,7 +285,9 @@ class Classifier(L.LightningModule):
         if sched.name == "onecycle":
             steps = int(self.trainer.estimated_stepping_batches)
             return torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=self.train_spec.optimizer.lr, total_steps=max(steps, 1)
+                optimizer,
+                max_lr=[g["lr"] for g in optimizer.param_groups],
+                total_steps=max(steps, 1),
             )
         if sched.name == "cosine":
             cosine = torch.optim.lr_scheduler.CosineAnnealingLR(

@@ -214,10 +214,13 @@ def retrain(pipeline: Path, overrides: list[str], base: str) -> Outcome:
     """Validate the overrides, pull, write them into params.yaml, `dvc repro`, read the gate's
     decision and write reports/retrain.{md,json}; the outcome carries the exit status."""
     from cnnops.config import load_config
+    from cnnops.models import check_architecture
 
     check_pipeline(pipeline)
     params = pipeline / "params.yaml"
-    config = load_config(params, overrides)  # exactly `cnnops show-config --set`; nothing written
+    config = load_config(
+        params, overrides, check_architecture
+    )  # exactly `cnnops show-config --set`; nothing written
     base_commit = check_base(pipeline, base)
     dvc = _dvc()
     reports = pipeline / config.paths.reports

@@ -18,7 +18,7 @@ from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnect
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cnnops import runs
-from cnnops.config import Config, Train, dump_config, flatten
+from cnnops.config import Config, Train, Zoo, dump_config, flatten
 from cnnops.data.datamodule import ImageData, check_placement
 from cnnops.data.prepare import Prepared
 from cnnops.errors import ConfigError
@@ -97,19 +97,35 @@ class TrainResult:
     curves: list[dict[str, float]] = field(default_factory=list)
 
 
-def build_module(config: Config, prepared: Prepared) -> Classifier:
+def build_module(config: Config, prepared: Prepared, pretrained: bool = True) -> Classifier:
+    """The LightningModule for `config` on `prepared`, holding the pretrained weights
+    `model.weights` names unless `pretrained` is false (a resumed run has its own)."""
+    from cnnops.models import normalization
+
     channels, size, _ = prepared.shape
-    return Classifier(
-        model=config.model.model_dump(mode="json"),
+    spec = config.model
+    mean, std = normalization(spec, channels, prepared.mean, prepared.std)
+    module = Classifier(
+        model=spec.model_dump(mode="json"),
         train=config.train.model_dump(mode="json"),
         in_channels=channels,
         num_classes=len(prepared.classes),
         image_size=size,
-        mean=prepared.mean,
-        std=prepared.std,
+        mean=mean,
+        std=std,
         classes=prepared.classes,
         config=config.model_dump(mode="json"),
     )
+    if pretrained and isinstance(spec, Zoo) and spec.weights is not None:
+        from cnnops.models.zoo import load_pretrained
+
+        if channels not in (1, 3):
+            raise ConfigError(
+                f"model.weights = {spec.weights.as_posix()!r}: ImageNet weights take 1 or 3 "
+                f"channels, the prepared images have {channels}"
+            )
+        load_pretrained(module.net, spec.name, spec.weights, spec.weights_sha256)
+    return module
 
 
 def _precision(value: str) -> Any:
@@ -136,12 +152,14 @@ def batched_engine(config: Config, prepared: Prepared) -> torch.nn.Module | None
     return BatchAugment(resolved, seed=config.train.seed)
 
 
-def use_cuda_graphs(t: Train, trainer: L.Trainer) -> bool:
+def use_cuda_graphs(t: Train, trainer: L.Trainer, unfreeze_epoch: int | None = None) -> bool:
     """Whether `train.cuda_graphs` (auto or true) applies to this trainer; true where it cannot
     is a ConfigError naming the reason."""
     if t.cuda_graphs is False:
         return False
-    if trainer.strategy.root_device.type != "cuda":
+    if unfreeze_epoch is not None:
+        why = f"model.unfreeze_epoch = {unfreeze_epoch} changes what a step computes mid-run"
+    elif trainer.strategy.root_device.type != "cuda":
         why = "training does not run on a CUDA device"
     elif trainer.world_size > 1:
         why = "DDP runs eagerly"
@@ -235,9 +253,10 @@ def train(
         benchmark=False,
     )
     trainer._signal_connector = QuietSignalConnector(trainer)
-    graphs = use_cuda_graphs(t, trainer)  # a setting that cannot apply fails before any output goes
+    # A setting that cannot apply fails before any output goes.
+    graphs = use_cuda_graphs(t, trainer, getattr(config.model, "unfreeze_epoch", None))
     check_placement(t.data_placement, trainer.strategy.root_device.type)
-    module = build_module(config, prepared)
+    module = build_module(config, prepared, pretrained=resume is None)
     if t.channels_last and torch.cuda.is_available() and t.accelerator != "cpu":
         module = module.to(memory_format=torch.channels_last)  # NHWC convolutions on tensor cores
     if t.compile:

@@ -34,13 +34,13 @@ BASELINE_KEY = "cnnops.baseline"  # user attribute of the trial that runs params
 
 
 def active_levers(config: Config) -> dict[str, Any]:
-    """The levers with a range; augmentation strength only when there are transforms to scale."""
+    """The levers with a range that the model honours (augmentation strength only when there
+    are transforms to scale)."""
     space = config.tune.space.model_dump()
-    # A dial that changes nothing would only add noise to the sampler and the importances.
-    has_augment = bool(config.augment.transforms)
-    return {
-        k: v for k, v in space.items() if v is not None and (k != "augment_strength" or has_augment)
-    }
+    # A dial that changes nothing would only add noise to the sampler and the importances:
+    # a lever the model does not honour, or augmentation strength with nothing to scale.
+    levers = config.model.levers - (set() if config.augment.transforms else {"augment_strength"})
+    return {k: v for k, v in space.items() if v is not None and k in levers}
 
 
 def sample(trial: optuna.Trial, config: Config) -> dict[str, Any]:

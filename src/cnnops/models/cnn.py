@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnops.config import ConvBlock, Model, Pooling
-from cnnops.errors import ConfigError
-from cnnops.models import register
+from cnnops.models import feature_sizes
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from cnnops.config import ConvBlock, Pooling
 
 
 class SumPool2d(nn.Module):
@@ -43,80 +49,72 @@ def make_pool(pooling: Pooling) -> nn.Module:
     return SumPool2d(pooling.size)
 
 
-def conv_out(size: int, block: ConvBlock) -> int:
-    if block.padding == "same" and block.stride == 1:
-        return size
-    pad = block.kernel // 2 if block.padding == "same" else 0
-    return (size + 2 * pad - block.kernel) // block.stride + 1
-
-
-def feature_sizes(spec: Model, size: int) -> list[int]:
-    """Spatial size after each conv block; raises ConfigError for a layer that does not fit."""
-    sizes = []
-    for i, block in enumerate(spec.conv):
-        if block.padding == "valid" and block.kernel > size:
-            raise ConfigError(
-                f"model.conv[{i}].kernel = {block.kernel}: larger than the {size}x{size} feature map "
-                f"it receives; use kernel <= {size}, padding: same, or fewer pooling steps"
-            )
-        size = conv_out(size, block)
-        if block.pool:
-            if spec.pooling.size > size:
-                raise ConfigError(
-                    f"model.pooling.size = {spec.pooling.size}: larger than the {size}x{size} feature "
-                    f"map after model.conv[{i}]; set model.conv[{i}].pool: false or a smaller size"
-                )
-            size //= spec.pooling.size
-        sizes.append(size)
-    return sizes
-
-
-def conv_layers(spec: Model, i: int, in_channels: int) -> list[nn.Module]:
-    block = spec.conv[i]
+def conv_layers(
+    block: ConvBlock,
+    in_channels: int,
+    pooling: Pooling,
+    batch_norm: bool,
+    noise_std: float,
+    dropout: float,
+) -> list[nn.Module]:
     pad: int | str = "same" if block.padding == "same" and block.stride == 1 else 0
     if block.padding == "same" and block.stride > 1:
         pad = block.kernel // 2
     layers: list[nn.Module] = [
-        nn.Conv2d(
-            in_channels, block.filters, block.kernel, block.stride, pad, bias=not spec.batch_norm
-        )
+        nn.Conv2d(in_channels, block.filters, block.kernel, block.stride, pad, bias=not batch_norm)
     ]
-    if spec.batch_norm:
+    if batch_norm:
         layers.append(nn.BatchNorm2d(block.filters))
-    layers += [nn.ReLU(inplace=True), GaussianNoise(spec.noise_std)]
+    layers += [nn.ReLU(inplace=True), GaussianNoise(noise_std)]
     if block.pool:
-        layers.append(make_pool(spec.pooling))
-    if spec.dropout_conv > 0:
-        layers.append(nn.Dropout2d(spec.dropout_conv))
+        layers.append(make_pool(pooling))
+    if dropout > 0:
+        layers.append(nn.Dropout2d(dropout))
     return layers
 
 
-def fc_layers(spec: Model, in_features: int, width: int) -> list[nn.Module]:
-    layers: list[nn.Module] = [nn.Linear(in_features, width, bias=not spec.batch_norm)]
-    if spec.batch_norm:
+def fc_layers(
+    in_features: int, width: int, batch_norm: bool, noise_std: float, dropout: float
+) -> list[nn.Module]:
+    layers: list[nn.Module] = [nn.Linear(in_features, width, bias=not batch_norm)]
+    if batch_norm:
         layers.append(nn.BatchNorm1d(width))
-    layers += [nn.ReLU(inplace=True), GaussianNoise(spec.noise_std)]
-    if spec.dropout_fc > 0:
-        layers.append(nn.Dropout(spec.dropout_fc))
+    layers += [nn.ReLU(inplace=True), GaussianNoise(noise_std)]
+    if dropout > 0:
+        layers.append(nn.Dropout(dropout))
     return layers
 
 
 class SeedCNN(nn.Module):
     """conv blocks → flatten → FC blocks → logits; `predict_proba` applies the softmax."""
 
-    def __init__(self, spec: Model, in_channels: int, num_classes: int, image_size: int) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        image_size: int,
+        *,
+        conv: Sequence[ConvBlock],
+        pooling: Pooling,
+        fc: Sequence[int] = (128,),
+        batch_norm: bool = True,
+        dropout_conv: float = 0.0,
+        dropout_fc: float = 0.25,
+        noise_std: float = 0.0,
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         channels = in_channels
-        for i, block in enumerate(spec.conv):
-            layers += conv_layers(spec, i, channels)
+        for block in conv:
+            layers += conv_layers(block, channels, pooling, batch_norm, noise_std, dropout_conv)
             channels = block.filters
         self.features = nn.Sequential(*layers)
-        size = feature_sizes(spec, image_size)[-1]
+        shape = SimpleNamespace(conv=conv, pooling=pooling)
+        size = feature_sizes(shape, image_size)[-1]  # type: ignore[arg-type]
         head: list[nn.Module] = [nn.Flatten()]
         width = channels * size * size
-        for units in spec.fc:
-            head += fc_layers(spec, width, units)
+        for units in fc:
+            head += fc_layers(width, units, batch_norm, noise_std, dropout_fc)
             width = units
         head.append(nn.Linear(width, num_classes))
         self.classifier = nn.Sequential(*head)
@@ -126,8 +124,3 @@ class SeedCNN(nn.Module):
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x).softmax(dim=1)
-
-
-@register("seed_cnn")
-def seed_cnn(spec: Model, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
-    return SeedCNN(spec, in_channels, num_classes, image_size)
