@@ -176,6 +176,24 @@ def weights(
     typer.echo(f"track it with DVC: dvc add {path}")
 
 
+@app.command("demo-images")
+@clear_errors
+def demo_images(
+    folder: Annotated[Path, typer.Argument(help="The image folder to create.")],
+    n: Annotated[int, typer.Option("--n", min=10, max=1_000_000, help="Images.")] = 1000,
+    side: Annotated[int, typer.Option("--side", min=8, max=1024, help="Pixels a side.")] = 96,
+) -> None:
+    """Write a photo-like image folder (digits on random colours, one folder per class) to try
+    fine-tuning on: point fetch.url at it."""
+    from cnnops.data.demo import colour_digits
+    from cnnops.errors import DataError
+
+    if folder.exists() and any(folder.iterdir()):
+        raise DataError(f"{folder}: not empty; name a new folder (nothing was written)")
+    colour_digits(folder, n, side)
+    typer.echo(f"{folder}: {n} images in 10 class folders, {side}x{side} RGB JPEG")
+
+
 @app.command()
 @clear_errors
 def tune(
