@@ -195,3 +195,43 @@ def test_a_step_that_cannot_be_captured_trains_eagerly_or_fails_when_graphs_are_
         for _ in range(4):
             twins.step(captured)
     assert not captured.captured and captured.failed
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> prepare.Prepared:
+    """1000 photo-like 96 px images (digits on random colours), split as the transfer variant."""
+    from cnnops.data.demo import colour_digits
+
+    folder = tmp_path_factory.mktemp("photos")
+    colour_digits(folder / "images", 1000, side=96)
+    config = load_config(
+        ROOT / "pipelines/transfer/params.yaml", [f"fetch.url={folder / 'images'}"]
+    )
+    raw = tmp_path_factory.mktemp("raw")
+    fetch(config.fetch, raw)
+    return prepare.split(config, raw)
+
+
+def test_a_frozen_pretrained_backbone_trains_its_head_in_captured_steps(
+    photos, tmp_path: Path, mobilenet_weights: Path
+) -> None:
+    """MobileNetV2 from the ImageNet file, backbone frozen throughout, bf16, channels_last,
+    CUDA graphs on: the head learns, the backbone stays the file's, batch norm included."""
+    config = load_config(
+        ROOT / "pipelines/transfer/params.yaml",
+        [
+            f"model.weights={mobilenet_weights}",
+            "model.unfreeze_epoch=null",
+            "train.max_epochs=4",
+            "train.precision=bf16-mixed",
+            "train.early_stopping.enabled=false",
+        ],
+    )
+    result = train(config, photos, tmp_path)
+    assert result.metrics["cuda_graphs"] is True
+    assert result.metrics["best_val_acc"] >= 0.3  # chance is 0.1
+    trained = load_classifier(result.best_checkpoint).net.state_dict()
+    imagenet = torch.load(mobilenet_weights, map_location="cpu", weights_only=True)
+    for key, value in imagenet.items():
+        if not key.startswith("classifier."):
+            assert torch.equal(trained[key].float(), value.float()), key

@@ -327,6 +327,8 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*(on_after_batch_transfer|LeafSpec).*")
     # The run's own folder: it holds the run's state and, on resume, its earlier checkpoints.
     warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+    # A frozen pretrained backbone keeps its batch norm layers in eval mode on purpose.
+    warnings.filterwarnings("ignore", message="Found .* module.* in eval mode at the start")
 
 
 def train_stage(config: Config) -> dict[str, Any]:
