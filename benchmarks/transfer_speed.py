@@ -13,7 +13,8 @@ Data: `--n` photo-like JPEGs (digits on random colours, `cnnops demo-images`), p
   accuracy  every architecture with a torchvision file `<name>-*.pth` in `--weights-dir`
             (MobileNetV2 from `make install`): fine-tuned (head alone for the first epoch,
             then everything, backbone at lr x 0.1) and trained from scratch, with the same
-            epochs, learning rate and data; the best validation accuracy of each.
+            epochs (`--acc-epochs`), batch size, learning rate and data, on `--few` training
+            images and on all of them; the best validation accuracy of each.
 """
 
 from __future__ import annotations
@@ -136,10 +137,23 @@ def plain_loop(data: Prepared, args: argparse.Namespace) -> list[float]:
     return times
 
 
+def few(data: Prepared, n: int) -> Prepared:
+    """`data` with a random `n` of its training images (validation untouched)."""
+    if n >= len(data.y["train"]):
+        return data
+    keep = np.sort(np.random.default_rng(0).choice(len(data.y["train"]), n, replace=False))
+    x, y = dict(data.x), dict(data.y)
+    x["train"], y["train"] = np.asarray(data.x["train"][keep]), data.y["train"][keep]
+    return Prepared(x, y, data.classes, data.mean, data.std)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=6000, help="images in the demo folder")
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--few", type=int, default=500, help="training images of the small run")
+    parser.add_argument("--acc-epochs", type=int, default=8, help="epochs of each accuracy run")
+    parser.add_argument("--acc-batch-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--weights-dir", type=Path, default=ROOT / ".cache/weights")
@@ -174,13 +188,22 @@ def main() -> None:
                 "freeze": "backbone",
                 "unfreeze_epoch": 1,
             }
-            tuned = config(args, pretrained, optimizer={"lr": 1e-3, "backbone_lr_mult": 0.1})
-            scratch = config(args, {"name": name}, optimizer={"lr": 1e-3})
-            accs = {}
-            for label, cfg in (("pretrained", tuned), ("scratch", scratch)):
-                accs[label] = cnnops_run(cfg, data, args.device)[1]["best_val_acc"]
-            print(f"{name:16s} pretrained {accs['pretrained']:.4f}  scratch {accs['scratch']:.4f}")
-            results["accuracy"][name] = accs
+            budget = argparse.Namespace(
+                **{**vars(args), "epochs": args.acc_epochs, "batch_size": args.acc_batch_size}
+            )
+            tuned = config(budget, pretrained, optimizer={"lr": 1e-3, "backbone_lr_mult": 0.1})
+            scratch = config(budget, {"name": name}, optimizer={"lr": 1e-3})
+            for subset in (args.few, len(data.y["train"])):
+                part = few(data, subset)
+                accs = {}
+                for label, cfg in (("pretrained", tuned), ("scratch", scratch)):
+                    accs[label] = cnnops_run(cfg, part, args.device)[1]["best_val_acc"]
+                print(
+                    f"{name:16s} {subset:6d} training images: pretrained "
+                    f"{accs['pretrained']:.4f}  scratch {accs['scratch']:.4f}",
+                    flush=True,
+                )
+                results["accuracy"][f"{name}@{subset}"] = accs
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

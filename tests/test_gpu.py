@@ -195,6 +195,12 @@ def test_a_step_that_cannot_be_captured_trains_eagerly_or_fails_when_graphs_are_
         for _ in range(4):
             twins.step(captured)
     assert not captured.captured and captured.failed
+    # Random draws go on after the failed capture, at the generator's position: a dropout
+    # draws, and the draw after it is the one a fresh generator would make at that offset.
+    state = torch.cuda.get_rng_state()
+    first = torch.nn.functional.dropout(torch.ones(64, device="cuda"), 0.5)
+    torch.cuda.set_rng_state(state)
+    assert torch.equal(first, torch.nn.functional.dropout(torch.ones(64, device="cuda"), 0.5))
 
 
 @pytest.fixture(scope="module")

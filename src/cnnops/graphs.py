@@ -107,12 +107,20 @@ class CapturedStep:
                 f"CUDA graph capture failed, training eagerly: {self.failed}", stacklevel=2
             )
             self.static = self.loss = None
+            self._release_generators()
             self._clear_grads()
             return self.fn(x, y)
         self.graph = graph
         self.grads = [p.grad for p in self.module.parameters()]
         graph.replay()  # capturing records the work without running it
         return self.loss
+
+    def _release_generators(self) -> None:
+        """A capture that fails midway leaves its generators marked as capturing, so the next
+        eager random draw (a dropout) would fail; each continues from a clone of its state."""
+        default = torch.cuda.default_generators[torch.cuda.current_device()]
+        for generator in (default, *self.generators()):
+            generator.graphsafe_set_state(generator.clone_state())
 
     def _grads_intact(self) -> bool:
         return all(p.grad is g for p, g in zip(self.module.parameters(), self.grads, strict=True))
