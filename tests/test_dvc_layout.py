@@ -39,6 +39,22 @@ TINY_VARIANT = [
     "model.conv[1].padding=same",
     *TINY,
 ]
+# The transfer variant on the embedded digits: MobileNetV2 from scratch, seeing them at 16 px.
+TINY_PRETRAINED = [
+    "fetch.source=digits",
+    "fetch.url=null",
+    "prepare.image_size=null",
+    "model.weights=null",
+    "model.weights_sha256=null",
+    "model.freeze=none",
+    "model.unfreeze_epoch=null",
+    "model.input_size=16",
+    *TINY,
+]
+
+
+def tiny(variant: str) -> list[str]:
+    return TINY_PRETRAINED if variant == "transfer" else TINY_VARIANT
 
 
 def run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -114,7 +130,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
         shutil.copy2(ROOT / name, origin / name)
     set_params(origin / "params.yaml", TINY)
     for variant in VARIANTS:
-        set_params(origin / "pipelines" / variant / "params.yaml", TINY_VARIANT)
+        set_params(origin / "pipelines" / variant / "params.yaml", tiny(variant))
     sh("git", "init", "-q", cwd=origin)
     sh("git", "config", "user.email", "ci@example.com", cwd=origin)
     sh("git", "config", "user.name", "ci", cwd=origin)

@@ -64,8 +64,8 @@ def test_fetches_from_a_mirror_prints_the_params_lines_then_does_nothing(
     assert sorted(p.name for p in target.parent.iterdir()) == [FILE]  # no temporary file left
     lines = result.stdout.splitlines()
     assert f"sha256: {MOBILENET_SHA256}" in lines
-    assert f"  model.weights: weights/{FILE}" in lines
-    assert f"  model.weights_sha256: {MOBILENET_SHA256}" in lines
+    assert f"  weights: weights/{FILE}" in lines
+    assert f"  weights_sha256: {MOBILENET_SHA256}" in lines
     assert f"dvc add weights/{FILE}" in result.stdout
 
     before = target.stat()
@@ -86,7 +86,7 @@ def test_file_url_mirror_and_dir_option(mirror: Path, project: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert sha256(project / "pretrained" / FILE) == MOBILENET_SHA256
-    assert f"  model.weights: pretrained/{FILE}" in result.stdout.splitlines()
+    assert f"  weights: pretrained/{FILE}" in result.stdout.splitlines()
     assert not (project / "weights").exists()
 
 

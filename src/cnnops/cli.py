@@ -170,9 +170,8 @@ def weights(
     done = f"fetched from {got.source}" if got.source else "already there and verified, unchanged"
     typer.echo(f"{path}: {done}")
     typer.echo(f"sha256: {got.sha256}")
-    typer.echo("params.yaml:")
-    typer.echo(f"  model.weights: {path}")
-    typer.echo(f"  model.weights_sha256: {got.sha256}")
+    typer.echo("in params.yaml:")
+    typer.echo(f"model:\n  name: {name}\n  weights: {path}\n  weights_sha256: {got.sha256}")
     typer.echo(f"track it with DVC: dvc add {path}")
 
 

@@ -124,26 +124,27 @@ def input_size(config: Config) -> int:
     return config.prepare.image_size or NATIVE_SIZE[config.fetch.source]
 
 
-def _open_url(url: str) -> bytes:
+def open_url(url: str) -> bytes:
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
             return response.read()
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise DataError(f"{url}: download failed: {e}") from None
 
 
-def _read_from(location: str, name: str) -> tuple[bytes, str]:
-    """Read `name` (or its decompressed twin) from a folder, file:// URL or http(s) URL."""
+def read_from(location: str, name: str, key: str = "fetch.mirror") -> tuple[bytes, str]:
+    """Read `name` (or its decompressed twin) from a folder, file:// URL or http(s) URL, the
+    value of setting `key` (named in errors); returns the bytes and where they came from."""
     if "://" in location and not location.startswith("file://"):
         url = location.rstrip("/") + "/" + name
-        return _open_url(url), url
+        return open_url(url), url
     folder = Path(location.removeprefix("file://")).expanduser()
     if not folder.is_dir():
-        raise DataError(f"fetch.mirror = {location!r}: not a directory")
+        raise DataError(f"{key} = {location!r}: not a directory")
     for candidate in (folder / name, folder / name.removesuffix(".gz")):
         if candidate.is_file():
             return candidate.read_bytes(), str(candidate)
-    raise DataError(f"fetch.mirror = {location!r}: {name} not found there")
+    raise DataError(f"{key} = {location!r}: {name} not found there")
 
 
 def _decompress(blob: bytes, origin: str) -> bytes:
@@ -184,7 +185,7 @@ def fetch(spec: Fetch, raw: Path) -> None:
         else:
             location = spec.mirror or CANONICAL[spec.source]
             for file in FILES[spec.source]:
-                blob, origin = _read_from(location, file.name)
+                blob, origin = read_from(location, file.name)
                 content = verify(file, blob, origin)
                 if spec.source == "cifar10":
                     _extract_cifar(content, origin, out)
@@ -228,7 +229,7 @@ def _fetch_imagefolder(spec: Fetch, out: Path) -> None:
             f"fetch.url = {spec.url!r}: no such file or folder; it must be an existing folder "
             "or a .zip/.tar.gz file, or an http(s) URL"
         )
-    blob = _open_url(spec.url) if remote else local.read_bytes()
+    blob = open_url(spec.url) if remote else local.read_bytes()
     if spec.sha256 and (got := _digest("sha256", blob)) != spec.sha256:
         raise DataError(
             f"fetch.url = {spec.url!r}: checksum mismatch: sha256 {got}, expected {spec.sha256}"
