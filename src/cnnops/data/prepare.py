@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from cnnops.data.images import Cache, Target, decode_all, detect_grayscale, discover
-from cnnops.data.sources import load_raw, original_name
+from cnnops.data.images import Cache, decode_all
+from cnnops.data.sources import image_folder, load_raw, original_name
 from cnnops.errors import DataError
 from cnnops.runs import atomic_dir, check_replaceable
 
@@ -108,13 +108,18 @@ def split(config: Config, raw: Path) -> Prepared:
         ys = {"train": y[train], "val": y[val], "test": data.test[1]}
     if p.image_size:
         xs = {k: resize(v, p.image_size) for k, v in xs.items()}
+    check_splits(ys)
+    mean, std = statistics(xs["train"])
+    return Prepared(xs, ys, data.classes, mean, std)
+
+
+def check_splits(parts: dict[str, np.ndarray]) -> None:
+    """Every split needs images: an empty one is a DataError naming it."""
     for name in SPLITS:
-        if len(ys[name]) == 0:
+        if len(parts[name]) == 0:
             raise DataError(
                 f"prepare: the {name} split is empty; adjust prepare.val_fraction/test_fraction"
             )
-    mean, std = statistics(xs["train"])
-    return Prepared(xs, ys, data.classes, mean, std)
 
 
 def save(prepared: Prepared, out: Path) -> None:
@@ -189,16 +194,14 @@ def cache_folder(out: Path) -> Path:
 def prepare_folder(config: Config, raw: Path, out: Path, errors: Path) -> dict:
     """Prepare an image folder in bounded memory; every bad file is found in one pass."""
     p = config.prepare
-    assert p.image_size is not None  # checked by the Config validator
 
     def name(path: Path) -> str:
         return original_name(raw, path)
 
     if not raw.is_dir():
         raise DataError(f"{raw}: data directory missing; run `cnnops fetch` first")
-    folder = discover(raw / "images", name)
-    gray = detect_grayscale(folder.files) if p.grayscale is None else p.grayscale
-    cache = Cache(cache_folder(out), Target(p.image_size, 1 if gray else 3, p.min_side))
+    folder, target = image_folder(raw, config)
+    cache = Cache(cache_folder(out), target)
     cache.open()
     verdicts = decode_all(folder.files, cache, p.workers)
     decoded = sum(v.decoded for v in verdicts)
@@ -228,12 +231,7 @@ def prepare_folder(config: Config, raw: Path, out: Path, errors: Path) -> dict:
             )
     train, val, test = stratified_split(labels, [p.val_fraction, p.test_fraction], p.seed)
     parts = {"train": train, "val": val, "test": test}
-    for split_name, idx in parts.items():
-        if len(idx) == 0:
-            raise DataError(
-                f"prepare: the {split_name} split is empty; adjust prepare.val_fraction/"
-                "test_fraction"
-            )
+    check_splits(parts)
     stats = ChannelStats(cache.target.channels)
     with atomic_dir(out, "prepare") as tmp:
         for split_name, idx in parts.items():
@@ -253,7 +251,7 @@ def prepare_folder(config: Config, raw: Path, out: Path, errors: Path) -> dict:
         file=sys.stderr,
     )
     result = summary(load(out, mmap=True))
-    result["skipped"] = [b for b in bad]
+    result["skipped"] = bad
     result["ignored"] = [name(f) for f in folder.ignored]
     return result
 

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from cnnops.config import Config, Fetch
+    from cnnops.data.images import Folder, Target
 
 Member = TypeVar("Member")
 
@@ -391,16 +392,23 @@ def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def _imagefolder(raw: Path, config: Config) -> RawData:
-    """The whole folder in memory, for small folders and tests; `cnnops prepare` streams it
-    through the decoded-image cache instead (`prepare.prepare_folder`)."""
-    from cnnops.data.images import Target, decode, detect_grayscale, discover
+def image_folder(raw: Path, config: Config) -> tuple[Folder, Target]:
+    """The fetched image folder's files and classes, and the size and channels they decode to."""
+    from cnnops.data.images import Target, detect_grayscale, discover
 
     p = config.prepare
     assert p.image_size is not None  # checked by the Config validator
     folder = discover(raw / "images", lambda path: original_name(raw, path))
     gray = detect_grayscale(folder.files) if p.grayscale is None else p.grayscale
-    target = Target(p.image_size, 1 if gray else 3, p.min_side)
+    return folder, Target(p.image_size, 1 if gray else 3, p.min_side)
+
+
+def _imagefolder(raw: Path, config: Config) -> RawData:
+    """The whole folder in memory, for small folders and tests; `cnnops prepare` streams it
+    through the decoded-image cache instead (`prepare.prepare_folder`)."""
+    from cnnops.data.images import decode
+
+    folder, target = image_folder(raw, config)
     images = []
     for path in folder.files:
         x = decode(path.read_bytes(), target)
