@@ -311,3 +311,29 @@ def test_unfreezing_under_ddp_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"params.yaml: model.unfreeze_epoch = 1: DDP fixes"):
         load_config(params)
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        ("postgresql://optuna:s3cr%40t@db:5432/optuna", "postgresql://optuna:***@db:5432/optuna"),
+        ("http://u:p@host/x and https://v:w@h2", "http://u:***@host/x and https://v:***@h2"),
+        ("postgresql://optuna@db/optuna", "postgresql://optuna@db/optuna"),
+        ("sqlite:///mlflow.db", "sqlite:///mlflow.db"),
+    ],
+)
+def test_urls_are_shown_with_their_password_masked(text: str, masked: str) -> None:
+    from cnnops.team import mask
+
+    assert mask(text) == masked
+
+
+@pytest.mark.parametrize("key", ["tune.storage", "mlflow.tracking_uri"])
+def test_a_password_in_params_is_refused_and_never_repeated(tmp_path: Path, key: str) -> None:
+    params = write(tmp_path / "params.yaml", "{}\n")
+    url = "postgresql://someone:hunter2-secret@db:5432/x"
+    with pytest.raises(ConfigError) as refused:
+        load_config(params, [f"{key}={url}"])
+    message = str(refused.value)
+    assert f"{key} = 'postgresql://someone:***@db:5432/x': holds a password" in message
+    assert "hunter2-secret" not in message

@@ -51,6 +51,14 @@ def clear_errors(fn: F) -> F:
             detail = f"; {e.detail}" if e.detail else ""
             typer.echo(f"{name}: interrupted by {e}{detail}", err=True)
             raise typer.Exit(e.exit_code) from None
+        except Exception as e:  # an MLflow server's 401 or 403 is the user's to fix
+            from cnnops.tracking import refusal
+
+            message = refusal(e)
+            if message is None:
+                raise
+            typer.echo(f"{name}: error: {message}", err=True)
+            raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -258,6 +266,43 @@ def serve(
     from cnnops.registry.serve import serve as run
 
     run(_config(params, set_), alias, host, port)
+
+
+@app.command()
+@clear_errors
+def server(
+    backend_store_uri: Annotated[
+        str, typer.Option(help="Runs and the registry, e.g. postgresql://mlflow@db:5432/mlflow.")
+    ],
+    artifacts_destination: Annotated[
+        str, typer.Option(help="Where artifacts go: a folder, s3://..., gs://...")
+    ],
+    auth_database_uri: Annotated[
+        str, typer.Option(help="Users and permissions, e.g. postgresql://mlflow@db:5432/auth.")
+    ],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 5000,
+    default_permission: Annotated[
+        str,
+        typer.Option(help="What every user may do to what others created: READ or NO_PERMISSIONS."),
+    ] = "READ",
+) -> None:
+    """Team mode: an MLflow server with basic auth (users, permissions) on PostgreSQL.
+
+    Passwords come from the environment only: PGPASSWORD or a pgpass file for the databases,
+    MLFLOW_AUTH_ADMIN_PASSWORD (and MLFLOW_AUTH_ADMIN_USERNAME) for the admin's first start."""
+    from cnnops.team import serve as run
+
+    raise typer.Exit(
+        run(
+            backend_store_uri,
+            artifacts_destination,
+            auth_database_uri,
+            host,
+            port,
+            default_permission,
+        )
+    )
 
 
 @app.command()

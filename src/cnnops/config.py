@@ -571,7 +571,10 @@ Where = Callable[[str], str]
 
 def _where(path: Path, overrides: list[str]) -> Where:
     """Blame the last `--set` that assigned the key (or a section above it), else the file."""
-    assigned = [(_key_parts(a.partition("=")[0]), a.strip()) for a in overrides]
+    from cnnops.team import mask
+
+    # Quoted back in errors: a password someone put in a URL is not repeated.
+    assigned = [(_key_parts(a.partition("=")[0]), mask(a.strip())) for a in overrides]
 
     def where(key: str) -> str:
         parts = _key_parts(key)
@@ -647,7 +650,9 @@ def _format_error(where: Where, err: ValidationError) -> str:
         return f"{where(found.group(1))}: {message}"
     if not loc:
         return f"{where('')}: params: {message}"
-    return f"{where(loc)}: {loc} = {value!r}: {message}"
+    from cnnops.team import mask
+
+    return f"{where(loc)}: {loc} = {mask(repr(value))}: {message}"
 
 
 def _params(key: str) -> str:
@@ -760,6 +765,21 @@ def check_space(config: Config, where: Where = _params) -> None:
                 ) from None
 
 
+def check_secrets(config: Config, where: Where = _params) -> None:
+    """Raise ConfigError when a URL in params carries a password: params are committed, logged
+    to MLflow and written to reports. Passwords come from the environment."""
+    from cnnops.team import refuse_password
+
+    for key, url in (
+        ("mlflow.tracking_uri", config.mlflow.tracking_uri),
+        ("tune.storage", config.tune.storage),
+    ):
+        try:
+            refuse_password(key, url)
+        except ConfigError as e:
+            raise _fail(where, key, str(e)) from None
+
+
 def check_runtime(config: Config, where: Where = _params) -> None:
     """Raise ConfigError when train.accelerator/devices ask for devices this machine lacks.
 
@@ -813,6 +833,7 @@ def load_config(
         raise ConfigError(_format_error(where, e)) from None
     check_paths(config.paths, path.parent, where)
     check_space(config, where)
+    check_secrets(config, where)
     try:
         if check is not None:
             check(config)

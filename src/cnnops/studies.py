@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cnnops.errors import CnnopsError
+
 if TYPE_CHECKING:
     import optuna
 
@@ -81,18 +83,38 @@ def driver_url(url: str) -> str:
     return url
 
 
+@contextmanager
+def unreachable_storage(url: str) -> Iterator[None]:
+    """A database that refuses the connection (down, wrong password, no such database) is one
+    line naming the storage, its password masked, and the server's reason."""
+    import sqlalchemy.exc
+
+    from cnnops.team import mask
+
+    try:
+        yield
+    except sqlalchemy.exc.OperationalError as e:
+        lines = [line.strip() for line in str(e.orig or e).splitlines() if line.strip()]
+        reason = lines[0] if lines else type(e).__name__
+        raise CnnopsError(
+            f"tune.storage = {mask(url)!r}: cannot connect: {mask(reason)}; a password comes "
+            "from PGPASSWORD or a pgpass file"
+        ) from None
+
+
 def open_storage(url: str, on_stale: Callable[[Any, Any], None]) -> optuna.storages.BaseStorage:
     """The journal file at `url`, or an RDB storage with heartbeats when `url` is a URL."""
     from optuna.storages import JournalStorage, RDBStorage
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
     if is_rdb(url):
-        return RDBStorage(
-            driver_url(url),
-            heartbeat_interval=HEARTBEAT_S,
-            grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=on_stale,
-        )
+        with unreachable_storage(url):
+            return RDBStorage(
+                driver_url(url),
+                heartbeat_interval=HEARTBEAT_S,
+                grace_period=GRACE_S,
+                heartbeat_stale_trial_callback=on_stale,
+            )
     Path(url).parent.mkdir(parents=True, exist_ok=True)
     # The open-lock (O_EXCL lock file) works on any local or NFSv3+ file system.
     return JournalStorage(JournalFileBackend(url, lock_obj=JournalFileOpenLock(url)))
@@ -129,7 +151,7 @@ def _advisory_lock(url: str, name: str) -> Iterator[None]:
         url, sqlalchemy.create_engine(driver_url(url))
     )
     key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
-    with engine.connect() as conn:
+    with unreachable_storage(url), engine.connect() as conn:
         conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
         try:
             yield

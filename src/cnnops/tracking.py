@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -33,6 +34,8 @@ HTTP_DEFAULTS = {
 }
 for _key, _value in HTTP_DEFAULTS.items():
     os.environ.setdefault(_key, _value)
+if not sys.stderr.isatty():  # a log file or CI: no artifact progress bars redrawn line by line
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 class TrackingError(CnnopsError):
@@ -46,9 +49,44 @@ def first_line(error: BaseException) -> str:
 
 
 def _uri_source(cfg: Mlflow) -> str:
+    from cnnops.team import mask
+
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        return f"MLFLOW_TRACKING_URI={tracking_uri(cfg)}"
-    return f"mlflow.tracking_uri = {tracking_uri(cfg)}"
+        return f"MLFLOW_TRACKING_URI={mask(tracking_uri(cfg))}"
+    return f"mlflow.tracking_uri = {mask(tracking_uri(cfg))}"
+
+
+def _credentials() -> str:
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if not user:
+        return "no MLFLOW_TRACKING_USERNAME is set"
+    return f"MLFLOW_TRACKING_USERNAME={user}"
+
+
+def refusal(error: BaseException, uri: str | None = None) -> str | None:
+    """One line for an MLflow server's refusal (401: who you are, 403: what you may do), or
+    None when `error` is something else. mlflow is not imported for the question."""
+    code = getattr(error, "error_code", None)
+    if type(error).__name__ not in ("MlflowException", "RestException") or code not in (
+        "UNAUTHENTICATED",
+        "PERMISSION_DENIED",
+    ):
+        return None
+    from cnnops.team import mask
+
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    where = f"the MLflow server at {mask(uri)}" if uri else "the MLflow server"
+    endpoint = re.search(r"endpoint (\S+)", str(error))
+    what = f" on {endpoint.group(1)}" if endpoint else ""
+    if code == "UNAUTHENTICATED":
+        return (
+            f"{where} refused the credentials (401{what}, {_credentials()}): set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of that server"
+        )
+    return (
+        f"{where} denied {_credentials()} (403{what}): the account may read but not change "
+        "this; an admin grants EDIT or MANAGE on the experiment or registered model"
+    )
 
 
 def check_reachable(cfg: Mlflow, timeout: float = 4.0) -> None:
@@ -65,19 +103,50 @@ def check_reachable(cfg: Mlflow, timeout: float = 4.0) -> None:
     for attempt in range(2):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
-                return
+                break
         except urllib.error.HTTPError:
-            return  # it answers: a server without /health, or behind auth, is still up
+            break  # it answers: a server without /health, or behind auth, is still up
         except OSError as e:
             error = e
             if attempt == 0:
                 time.sleep(1.0)
-    assert error is not None
-    reason = getattr(error, "reason", error)
-    raise TrackingError(
-        f"{_uri_source(cfg)}: the MLflow tracking server does not answer ({reason}); start "
-        "it, or unset MLFLOW_TRACKING_URI to use the embedded store"
+    else:
+        assert error is not None
+        reason = getattr(error, "reason", error)
+        raise TrackingError(
+            f"{_uri_source(cfg)}: the MLflow tracking server does not answer ({reason}); start "
+            "it, or unset MLFLOW_TRACKING_URI to use the embedded store"
+        )
+    _check_credentials(uri, cfg, timeout)
+
+
+def _check_credentials(uri: str, cfg: Mlflow, timeout: float) -> None:
+    """One authenticated read, so wrong credentials fail the stage now, in one line."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
     )
+    user, password = (
+        os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+    )
+    if user and password:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return
+    except urllib.error.HTTPError as e:
+        if e.code == 401:
+            raise TrackingError(
+                f"{_uri_source(cfg)}: the MLflow server refused the credentials (401, "
+                f"{_credentials()}): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                "to an account of that server"
+            ) from None
+    except OSError:
+        return  # answering /health but not this: the stage's own calls will say more
 
 
 class Tracker(Protocol):
