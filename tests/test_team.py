@@ -185,10 +185,20 @@ def test_a_writer_runs_the_pipeline_a_reader_cannot_promote_and_no_secret_is_wri
     line = one_line_exit_2(run("reader", "register"), "register")
     assert "403" in line
     assert len(reader.search_model_versions(f"name='{MODEL}'")) == 1
+    import mlflow
+    import numpy as np
+
+    mlflow.set_tracking_uri(team.url)
+    mlflow.set_registry_uri(team.url)
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}@challenger")  # as the reader
+    x = np.load(project / "data/prepared/test_x.npy")[:4]
+    assert model.predict(x).shape == (4, 10)
 
     result = run("writer", "promote")
     assert result.returncode == 0, result.stdout + result.stderr
     writer = as_user(team.url, "writer")
+    assert writer.get_registered_model(MODEL).aliases == {"challenger": "1", "champion": "1"}
+    line = one_line_exit_2(run("reader", "rollback"), "rollback")
     assert writer.get_registered_model(MODEL).aliases == {"challenger": "1", "champion": "1"}
 
     # Every trial is a child run of the study's run.

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cnnops.errors import CnnopsError
+from cnnops.team import driver_url
 
 if TYPE_CHECKING:
     import optuna
@@ -72,15 +73,6 @@ def study_name(config: Config, prepared: Path) -> str:
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return f"cnnops-{config.fetch.source}-{digest}"
-
-
-def driver_url(url: str) -> str:
-    """`postgresql://` means psycopg 3 to SQLAlchemy 2.1; use psycopg2 when psycopg is absent."""
-    import importlib.util
-
-    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
-        return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
-    return url
 
 
 @contextmanager

@@ -47,6 +47,15 @@ def refuse_password(key: str, url: str | None, where: str = "params.yaml") -> No
         )
 
 
+def driver_url(url: str) -> str:
+    """`postgresql://` means psycopg 3 to SQLAlchemy 2.1; use psycopg2 when psycopg is absent."""
+    import importlib.util
+
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
+        return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
+    return url
+
+
 AUTH_INI = """[mlflow]
 default_permission = {permission}
 database_uri = {database}
@@ -88,8 +97,6 @@ def serve(
     Every user may read (`default_permission`); who creates an experiment or a registered model
     manages it, and the admin grants the rest. The admin account is created on the first
     start from MLFLOW_AUTH_ADMIN_USERNAME (default admin) and MLFLOW_AUTH_ADMIN_PASSWORD."""
-    from cnnops.studies import driver_url
-
     for key, url in (("--backend-store-uri", backend), ("--auth-database-uri", auth_database)):
         refuse_password(key, url, "the command line (and every process listing)")
     if not os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD"):
