@@ -222,7 +222,6 @@ def test_the_runtime_check_leaves_torch_unimported_for_a_cpu_config() -> None:
         ("tune.space.l1=[false, 0.1]", "tune.space.l1[0] = False: Input should be a valid number"),
         ("tune.space.dropout_fc=[0.1, 0.2, 0.3]", "Tuple should have at most 2 items"),
         ("tune.space.dropuot=[0.1, 0.2]", "unknown key 'tune.space.dropuot'"),
-        ("tune.space.dropout=[0.1, 0.2]", "model 'seed_cnn' has no such lever (it honours ["),
         ("tune.space.dropout_fc=[0.0, 1.0]", "1.0 is not a valid model.dropout_fc"),
         ("tune.space.augment_strength=[0.0, 2.0]", "2.0 is not a valid augment.strength"),
         ("tune.space.lr=[0.001, 20]", "20.0 is not a valid train.optimizer.lr (Input should be"),
@@ -294,11 +293,18 @@ def test_a_study_over_a_lever_the_model_lacks_is_refused_and_defaults_are_left_o
     )
     config = load_config(params)  # the default space holds the seed CNN's levers: left out
     assert set(active_levers(config)) == {"dropout", "weight_decay", "l1", "lr"}
-    with pytest.raises(
-        ConfigError,
-        match=r"tune.space.noise_std = \[0.0, 0.1\]: model 'mobilenet_v2' has no such lever",
-    ):
-        load_config(params, ["tune.space.noise_std=[0.0, 0.1]"])
+    train = load_config(params, ["tune.space.noise_std=[0.0, 0.1]"])  # training is not tuning
+    assert "noise_std" not in active_levers(train)
+    result = cnnops(
+        "tune", "--params", str(params), "--set", "tune.space.noise_std=[0.0, 0.1]", cwd=tmp_path
+    )
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert (
+        "--set tune.space.noise_std=[0.0, 0.1]: tune.space.noise_std = [0.0, 0.1]: model "
+        "'mobilenet_v2' has no such lever (it honours ['augment_strength', 'dropout', 'l1', 'lr', "
+        "'weight_decay']); set it null or remove it"
+    ) in result.stderr
+    assert not (tmp_path / "models").exists()
     seed = load_config(write(tmp_path / "seed.yaml", "model: {name: seed_cnn}\n"))
     assert "dropout" not in active_levers(seed) and "dropout_fc" in active_levers(seed)
 

@@ -63,11 +63,17 @@ def clear_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _config(params: Path, overrides: list[str] | None) -> Any:
-    from cnnops.config import load_config
+def _config(params: Path, overrides: list[str] | None, study: bool = False) -> Any:
+    """params as the stages read them; `study`: also refuse tuning a lever the model lacks."""
+    from cnnops.config import Config, check_levers, load_config
     from cnnops.models import check_architecture
 
-    return load_config(params, overrides, check=check_architecture)
+    def check(config: Config) -> None:
+        check_architecture(config)
+        if study:
+            check_levers(config)
+
+    return load_config(params, overrides, check=check)
 
 
 def _print(data: dict[str, Any]) -> None:
@@ -209,7 +215,7 @@ def tune(
     """Optuna search over the regularization levers; best params and checkpoint to paths.*/tune."""
     from cnnops.tracking import check_reachable
 
-    config = _config(params, set_)
+    config = _config(params, set_, study=True)
     check_reachable(config.mlflow)  # a dead tracking server: one line now, not after trials
     from cnnops.tune_stage import tune_stage
 

@@ -744,14 +744,7 @@ def check_space(config: Config, where: Where = _params) -> None:
             continue
         key = f"tune.space.{name}"
         if name not in config.model.levers:
-            if name not in space.model_fields_set:
-                continue  # a default range of a lever this model lacks: left out of the study
-            raise _fail(
-                where,
-                key,
-                f"{key} = {list(choices)}: model {config.model.name!r} has no such lever "
-                f"(it honours {sorted(config.model.levers)}); set it null or remove it",
-            )
+            continue  # not tuned for this model; `check_levers` refuses a study asked over it
         section, leaf = _lever(config, LEVERS[name])
         for value in choices:
             try:
@@ -763,6 +756,20 @@ def check_space(config: Config, where: Where = _params) -> None:
                     f"{key} = {list(choices)}: {value!r} is not a valid {LEVERS[name]} "
                     f"({e.errors()[0]['msg']})",
                 ) from None
+
+
+def check_levers(config: Config) -> None:
+    """Raise ConfigError when `tune.space` sets a range for a lever the model does not honour:
+    a study over it would only be noise. A default range of such a lever is left out."""
+    space = config.tune.space
+    for name in sorted(space.model_fields_set - config.model.levers):
+        choices = getattr(space, name)
+        if choices is not None:
+            key = f"tune.space.{name}"
+            raise ConfigError(
+                f"{key} = {list(choices)}: model {config.model.name!r} has no such lever "
+                f"(it honours {sorted(config.model.levers)}); set it null or remove it"
+            )
 
 
 def check_secrets(config: Config, where: Where = _params) -> None:
