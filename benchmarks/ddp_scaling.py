@@ -42,10 +42,12 @@ def train_seconds(work: Path, args: argparse.Namespace, gpus: int, epochs: int) 
         "train.scheduler.name": "none",
     }
     command = [sys.executable, "-m", "cnnops", "train"]
-    for key, value in sets.items():
-        command += ["--set", f"{key}={value}"]
+    for assignment in [*(f"{k}={v}" for k, v in sets.items()), *args.set]:
+        command += ["--set", assignment]
     subprocess.run(command, cwd=work, check=True, stdout=subprocess.DEVNULL)
     report = json.loads((work / "reports" / "train.json").read_text())
+    shown = {k: report[k] for k in ("data_placement", "cuda_graphs", "best_val_acc")}
+    print(f"  {gpus} GPU(s), {epochs} epochs: {report['train_seconds']} s {shown}", flush=True)
     return float(report["train_seconds"])
 
 
@@ -57,6 +59,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128, help="per GPU")
     parser.add_argument("--short", type=int, default=2)
     parser.add_argument("--long", type=int, default=6)
+    parser.add_argument("--set", action="append", default=[], help="more KEY=VALUE overrides")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     import torch
