@@ -6,6 +6,8 @@ import io
 import signal
 import sys
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,16 +69,55 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class StopOnSignal(Callback):
-    """SIGTERM and SIGINT (held by `runs.deferred_signals` during fit) stop training after the
-    batch in flight. DDP ranks agree at each batch end (any rank signalled stops them all), so
-    every rank leaves at the same step and the last checkpoint is whole."""
+    """SIGTERM and SIGINT (held by `runs.deferred_signals` during fit) stop training at a batch
+    boundary. DDP ranks vote at every batch end without waiting for the vote: the one cast
+    `LAG` batches earlier decides (any rank signalled stops them all), so every rank leaves
+    after the same batch, the last checkpoint is whole, and no step waits on the host for the
+    GPU to catch up (a blocking vote per step stalled the launch queue)."""
+
+    LAG = 2
+
+    def __init__(self) -> None:
+        self.votes: deque[Callable[[], int]] = deque()
 
     def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
         stop = runs.pending_signal() is not None
         if trainer.world_size > 1:
-            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+            stop = self._vote(trainer.strategy.root_device, stop)
         if stop:
             trainer._signal_connector.received_sigterm = True
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        while self.votes:  # every collective started is finished before the process group goes
+            self.votes.popleft()()
+
+    def _vote(self, device: torch.device, stop: bool) -> bool:
+        import torch.distributed as dist
+
+        # A fill on the device, not a copy from the host (that would wait for the queue).
+        flag = torch.full((1,), int(stop), dtype=torch.int32, device=device)
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
+        if device.type == "cuda":
+            work.wait()  # NCCL: the stream waits for the collective, the host does not
+            host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+
+            def result() -> int:
+                done.synchronize()  # recorded LAG batches ago: long done, unless the GPU lags
+                return int(host.item())
+
+        else:
+
+            def result() -> int:
+                work.wait()
+                return int(flag.item())
+
+        self.votes.append(result)
+        if len(self.votes) <= self.LAG:
+            return False
+        return bool(self.votes.popleft()())
 
 
 class QuietSignalConnector(_SignalConnector):
