@@ -65,15 +65,10 @@ def clear_errors(fn: F) -> F:
 
 def _config(params: Path, overrides: list[str] | None, study: bool = False) -> Any:
     """params as the stages read them; `study`: also refuse tuning a lever the model lacks."""
-    from cnnops.config import Config, check_levers, load_config
-    from cnnops.models import check_architecture
+    from cnnops.config import load_config
+    from cnnops.models import check_architecture, check_study
 
-    def check(config: Config) -> None:
-        check_architecture(config)
-        if study:
-            check_levers(config)
-
-    return load_config(params, overrides, check=check)
+    return load_config(params, overrides, check=check_study if study else check_architecture)
 
 
 def _print(data: dict[str, Any]) -> None:

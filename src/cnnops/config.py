@@ -736,10 +736,9 @@ def _lever(config: Config, key: str) -> tuple[BaseModel, str]:
 
 def check_space(config: Config, where: Where = _params) -> None:
     """Raise ConfigError unless each end of each `tune.space` range (each choice) is a valid
-    value of its lever, as the section that holds the lever validates it, and every lever set
-    in params is one the model honours."""
-    space = config.tune.space
-    for name, choices in space:
+    value of its lever, as the section that holds the lever validates it (levers the model
+    does not honour are `check_levers`'s)."""
+    for name, choices in config.tune.space:
         if choices is None:
             continue
         key = f"tune.space.{name}"

@@ -213,16 +213,12 @@ def _verdict(promotion: dict[str, Any] | None, ran: list[str]) -> str:
 def retrain(pipeline: Path, overrides: list[str], base: str) -> Outcome:
     """Validate the overrides, pull, write them into params.yaml, `dvc repro`, read the gate's
     decision and write reports/retrain.{md,json}; the outcome carries the exit status."""
-    from cnnops.config import Config, check_levers, load_config
-    from cnnops.models import check_architecture
-
-    def check(config: Config) -> None:  # as `cnnops tune` checks: the repro runs it
-        check_architecture(config)
-        check_levers(config)
+    from cnnops.config import load_config
+    from cnnops.models import check_study
 
     check_pipeline(pipeline)
     params = pipeline / "params.yaml"
-    config = load_config(params, overrides, check)  # validated only: nothing written yet
+    config = load_config(params, overrides, check_study)  # the repro may tune; nothing written yet
     base_commit = check_base(pipeline, base)
     dvc = _dvc()
     reports = pipeline / config.paths.reports

@@ -63,6 +63,14 @@ def _credentials() -> str:
     return f"MLFLOW_TRACKING_USERNAME={user}"
 
 
+def _refused_credentials(where: str, what: str = "") -> str:
+    """The one line for a 401: whose credentials, and where to set them."""
+    return (
+        f"{where} refused the credentials (401{what}, {_credentials()}): set "
+        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of that server"
+    )
+
+
 def refusal(error: BaseException, uri: str | None = None) -> str | None:
     """One line for an MLflow server's refusal (401: who you are, 403: what you may do), or
     None when `error` is something else. mlflow is not imported for the question."""
@@ -79,10 +87,7 @@ def refusal(error: BaseException, uri: str | None = None) -> str | None:
     endpoint = re.search(r"endpoint (\S+)", str(error))
     what = f" on {endpoint.group(1)}" if endpoint else ""
     if code == "UNAUTHENTICATED":
-        return (
-            f"{where} refused the credentials (401{what}, {_credentials()}): set "
-            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of that server"
-        )
+        return _refused_credentials(where, what)
     return (
         f"{where} denied {_credentials()} (403{what}): the account may read but not change "
         "this; an admin grants EDIT or MANAGE on the experiment or registered model"
@@ -141,9 +146,7 @@ def _check_credentials(uri: str, cfg: Mlflow, timeout: float) -> None:
     except urllib.error.HTTPError as e:
         if e.code == 401:
             raise TrackingError(
-                f"{_uri_source(cfg)}: the MLflow server refused the credentials (401, "
-                f"{_credentials()}): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
-                "to an account of that server"
+                _refused_credentials(f"{_uri_source(cfg)}: the MLflow server")
             ) from None
     except OSError:
         return  # answering /health but not this: the stage's own calls will say more

@@ -111,6 +111,15 @@ def check_architecture(config: Config) -> None:
         )
 
 
+def check_study(config: Config) -> None:
+    """`check_architecture`, and no study over a lever the model lacks (`check_levers`): what
+    every command that may run the tune stage checks first."""
+    from cnnops.config import check_levers
+
+    check_architecture(config)
+    check_levers(config)
+
+
 def build_model(
     spec: SeedCnn | Zoo, in_channels: int, num_classes: int, image_size: int
 ) -> nn.Module:

@@ -150,12 +150,10 @@ def read_state_dict(path: Path, sha256: str | None) -> dict[str, torch.Tensor]:
     return data
 
 
-def load_pretrained(
-    net: nn.Module, name: str, path: Path, sha256: str | None = None
-) -> dict[str, Any]:
+def load_pretrained(net: nn.Module, name: str, path: Path, sha256: str | None = None) -> None:
     """Load ImageNet weights from `path` into `net` (built by `torchvision_net`): every tensor
     but the new heads'; a one-channel stem takes the sum of the RGB kernels. A file that does
-    not fit is a DataError naming the first key that differs. Returns what was loaded."""
+    not fit is a DataError naming the first key that differs."""
     weights = read_state_dict(path, sha256)
     stem = f"{LAYOUTS[name].stem}.weight"
     expected = {k: v for k, v in net.state_dict().items() if not is_head(name, k)}
@@ -174,4 +172,3 @@ def load_pretrained(
     if extra:
         raise DataError(f"{path}: does not fit {name}: {extra[0]!r} is not one of its keys")
     net.load_state_dict(given, strict=False)
-    return {"tensors": len(given), "skipped_heads": sorted(k for k in weights if k not in given)}
