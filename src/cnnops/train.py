@@ -32,17 +32,24 @@ CURVE_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc")
 
 
 class Curves(Callback):
-    """Collects one row of epoch metrics and hands it to the tracker: one GPU sync per epoch."""
+    """Collects one row of epoch metrics and hands it to the tracker: one GPU sync per epoch.
+    `epoch_seconds` is the epoch's training and validation, up to that sync (checkpoints and
+    records excluded): the steady-state throughput is images / epoch_seconds."""
 
     def __init__(self, tracker: Tracker) -> None:
         self.tracker = tracker
         self.rows: list[dict[str, float]] = []
+        self.started = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.started = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         metrics = {**trainer.callback_metrics, **module.epoch_metrics("train")}  # type: ignore[operator]
         row: dict[str, float] = {"epoch": trainer.current_epoch + 1}
         row.update({k: round(float(metrics[k]), 6) for k in CURVE_KEYS if k in metrics})
         row["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
+        row["epoch_seconds"] = round(time.perf_counter() - self.started, 4)
         self.rows.append(row)
         if trainer.is_global_zero:
             self.tracker.log_metrics(
@@ -324,6 +331,7 @@ def train(
             raise runs.Interrupted(runs.pending_signal() or signal.SIGTERM) from None
         runs.clear_pending()  # training finished: a signal during its last moments is moot
     elapsed = time.perf_counter() - started
+    peak_mb = peak_memory_mb(trainer.strategy.root_device)
     if trainer.is_global_zero and config.augment.transforms:
         # Written after fit: Lightning warns about a non-empty checkpoint folder before it.
         save_pipeline(config, prepared, out_dir)
@@ -340,12 +348,25 @@ def train(
         "stopped_early": bool(trainer.should_stop and len(curves.rows) < t.max_epochs),
         "stopped_epoch": len(curves.rows),
         "train_seconds": round(elapsed, 2),
+        # What the run occupied: seconds x devices, and this rank's peak memory (device memory
+        # on a GPU, the process's resident set on a CPU).
+        "device_seconds": round(elapsed * trainer.world_size, 2),
+        "peak_memory_mb": peak_mb,
         # Whether the training steps ran as a captured CUDA graph (train.cuda_graphs).
         "cuda_graphs": module.graph_step is not None and module.graph_step.captured,
         # Where the training split was read from (train.data_placement, auto resolved).
         "data_placement": placement,
     }
     return TrainResult(out_dir / "best.ckpt", out_dir / "last.ckpt", metrics, curves.rows)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process so far: allocated on `device` when it is a GPU, else RSS."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 
 def save_pipeline(config: Config, prepared: Prepared, out_dir: Path) -> Path:
