@@ -104,3 +104,54 @@ def running_in_group(pgid: int) -> list[int]:
         if fields[0] != "Z" and int(fields[2]) == pgid:
             found.append(int(stat.parent.name))
     return found
+
+
+def test_a_study_of_two_process_ddp_trials_prunes_and_records_each_trial_once(
+    workdir: Path,
+) -> None:
+    import optuna
+
+    from cnnops import studies, tracking
+    from cnnops.config import load_config
+
+    cnnops("fetch", check=True)
+    cnnops("prepare", check=True)
+    overrides = [
+        "train.accelerator=cpu",
+        "train.devices=2",
+        "train.strategy=ddp",
+        "train.max_epochs=3",
+        "train.early_stopping.enabled=false",
+        "model.conv=[{filters: 8}]",
+        "model.fc=[16]",
+        "tune.n_trials=4",
+        "tune.pruner.startup_trials=1",
+        "tune.pruner.warmup_epochs=0",
+        "tune.sampler.startup_trials=2",
+        "tune.space.lr=[0.00001, 0.03]",
+    ]
+    cnnops("tune", *set_args(*overrides), check=True)
+    config = load_config(Path("params.yaml"), overrides)
+    storage = studies.open_storage(studies.storage_url(config), print)
+    study = optuna.load_study(
+        study_name=studies.study_name(config, config.paths.prepared), storage=storage
+    )
+    trials = study.trials
+    states = [t.state.name for t in trials]
+    assert len(trials) == 4 and set(states) <= {"COMPLETE", "PRUNED"}, states
+    assert "PRUNED" in states, states  # rank 0's pruning decision stopped both ranks
+    for t in trials:  # rank 0 reported every epoch it trained, and only rank 0 did
+        epochs = sorted(t.intermediate_values)
+        assert epochs == list(range(len(epochs)))
+        assert len(epochs) == 3 if t.state.name == "COMPLETE" else 1 <= len(epochs) <= 3
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    children = tracking.child_runs(config.mlflow, parent)
+    assert sorted(int(r.data.tags["optuna.trial"]) for r in children) == [0, 1, 2, 3]
+    assert not [p for p in Path("/proc").glob("[0-9]*/cmdline") if b"cnnops.ddp_trials" in _read(p)]
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""

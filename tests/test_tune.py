@@ -106,11 +106,18 @@ def test_study_lock_excludes_other_holders(tmp_path: Path) -> None:
 
 def test_workers_are_spread_over_the_visible_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
-    tune.pin_gpu(4)
+    tune.pin_gpus(4)
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
-    tune.pin_gpu(4)
+    tune.pin_gpus(4)
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"  # one GPU: every worker shares it
+
+
+def test_ddp_workers_get_a_group_of_gpus_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    for worker, group in [(0, "4,5"), (1, "6,7"), (2, "4,5")]:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7,8")  # 8 is left over
+        tune.pin_gpus(worker, per_worker=2)
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == group
 
 
 def test_a_new_study_starts_from_the_configured_values(

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import optuna
 
     from cnnops.data.prepare import Prepared
+    from cnnops.ddp_trials import Ranks
 
 POLL_S = 2.0
 BASELINE_KEY = "cnnops.baseline"  # user attribute of the trial that runs params' own values
@@ -140,23 +141,31 @@ def _end(tracker: Any, state: str, status: str) -> None:
     tracker.close(status)
 
 
-def objective(trial: optuna.Trial, job: Job, prepared: Prepared) -> float:
+def objective(
+    trial: optuna.Trial, job: Job, prepared: Prepared, ranks: Ranks | None = None
+) -> float:
     """Sample the levers, train with them through the train stage's `train()`, score on val.
-    A retry of an interrupted trial resumes from that trial's last checkpoint."""
-    from optuna_integration import PyTorchLightningPruningCallback
+    A retry of an interrupted trial resumes from that trial's last checkpoint. With DDP trials
+    `ranks` are the worker's other processes: they train the same trial alongside."""
+    import optuna
 
+    from cnnops.ddp_trials import Pruning, Task
     from cnnops.train import train
 
     metric = job.config.tune.metric
     params = sample(trial, job.config)
     config = apply(job.config, params)
     resume = resume_point(trial, job)
+    out = trial_dir(job, trial.number)
     with child_run(job, trial, params) as tracker:
         if resume is not None:
             tracker.set_tags({"cnnops.resumed_from": str(resume)})
-        pruning = PyTorchLightningPruningCallback(trial, monitor=metric)
-        out = trial_dir(job, trial.number)
+        if ranks is not None:
+            ranks.send(Task(params, out, resume))
+        pruning = Pruning(trial, monitor=metric)
         result = train(config, prepared, out, tracker, [pruning], resume=resume)
+        if pruning.pruned_at is not None:
+            raise optuna.TrialPruned(f"pruned after epoch {pruning.pruned_at + 1}")
         if config.augment.transforms:
             tracker.log_artifact(out / "transforms.json")
         tracker.log_metrics(result.metrics, step=result.metrics["epochs_run"])
@@ -258,15 +267,22 @@ def _next_trial(study: optuna.Study, job: Job) -> optuna.Trial | None | bool:
         return trial
 
 
-def run_trial(study: optuna.Study, trial: optuna.Trial, job: Job, prepared: Prepared) -> None:
-    """Run one trial and record how it ended: complete, pruned, or failed (never disguised)."""
+def run_trial(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    job: Job,
+    prepared: Prepared,
+    ranks: Ranks | None = None,
+) -> None:
+    """Run one trial and record how it ended: complete, pruned, or failed (never disguised).
+    A failed DDP trial also ends its worker: the other ranks may be waiting inside it."""
     import optuna
     from optuna.storages._heartbeat import get_heartbeat_thread  # what study.optimize uses
     from optuna.trial import TrialState
 
     with get_heartbeat_thread(trial._trial_id, study._storage):
         try:
-            value = objective(trial, job, prepared)
+            value = objective(trial, job, prepared, ranks)
         except optuna.TrialPruned:
             study.tell(trial, state=TrialState.PRUNED)
             shutil.rmtree(trial_dir(job, trial.number), ignore_errors=True)
@@ -274,6 +290,10 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, job: Job, prepared: Prep
         except Exception:
             traceback.print_exc()
             study.tell(trial, state=TrialState.FAIL)
+            if ranks is not None:
+                raise CnnopsError(
+                    f"trial {trial.number} failed on rank 0 of its DDP group"
+                ) from None
             return
         except BaseException:  # a signal: the trial runs again, from its last checkpoint
             with runs.deferred_signals(raise_after=False):
@@ -288,22 +308,29 @@ def run_worker(job: Job, on_trial: Callable[[optuna.Study], None] | None = None)
     import torch
 
     from cnnops.data import prepare
+    from cnnops.ddp_trials import Ranks, world_size
 
     quiet()
+    size = world_size(job.config)
     if job.workers > 1:
-        pin_gpu(job.worker)
+        pin_gpus(job.worker, size)
         # share the CPU cores instead of oversubscribing them
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.workers))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // (job.workers * size)))
     study = open_study(job)
     prepared = prepare.load(job.config.paths.prepared)
-    while (trial := _next_trial(study, job)) is not False:
-        if trial is None:
-            time.sleep(POLL_S)
-            continue
-        run_trial(study, trial, job, prepared)  # type: ignore[arg-type]
-        _log(study, trial.number, job)  # type: ignore[union-attr]
-        if on_trial:
-            on_trial(study)
+    ranks = Ranks(job, size) if size > 1 else None
+    try:
+        while (trial := _next_trial(study, job)) is not False:
+            if trial is None:
+                time.sleep(POLL_S)
+                continue
+            run_trial(study, trial, job, prepared, ranks)  # type: ignore[arg-type]
+            _log(study, trial.number, job)  # type: ignore[union-attr]
+            if on_trial:
+                on_trial(study)
+    finally:
+        if ranks is not None:
+            ranks.close()
 
 
 def _log(study: optuna.Study, number: int, job: Job) -> None:
@@ -333,8 +360,9 @@ def quiet() -> None:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def pin_gpu(worker: int) -> None:
-    """On a host with several GPUs, worker i gets GPU i mod n; with one, all workers share it."""
+def pin_gpus(worker: int, per_worker: int = 1) -> None:
+    """On a host with several GPUs, worker i gets the i-th group of `per_worker` GPUs (wrapping
+    round when there are fewer groups than workers); with one GPU, all workers share it."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
         import torch
@@ -342,8 +370,9 @@ def pin_gpu(worker: int) -> None:
         # Counted through NVML when possible, so CUDA stays uninitialized in this process.
         visible = ",".join(str(i) for i in range(torch.cuda.device_count()))
     gpus = [g for g in visible.split(",") if g.strip()]
-    if len(gpus) > 1:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[worker % len(gpus)]
+    groups = [gpus[i : i + per_worker] for i in range(0, len(gpus) - per_worker + 1, per_worker)]
+    if len(gpus) > 1 and groups:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(groups[worker % len(groups)])
 
 
 def _worker_process(job: Job) -> None:
