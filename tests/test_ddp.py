@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -16,14 +17,17 @@ pytestmark = pytest.mark.slow
 def train_json(*overrides: str) -> dict:
     sets = set_args("train.accelerator=cpu", "train.max_epochs=12", *overrides)
     cnnops("train", *sets, check=True)
-    return json.loads(Path("reports/train.json").read_text())
+    with Path("reports/train_curves.csv").open() as f:
+        first_lr = float(next(csv.DictReader(f))["lr"])
+    return {**json.loads(Path("reports/train.json").read_text()), "first_lr": first_lr}
 
 
 def test_two_process_ddp_matches_one_process(workdir: Path) -> None:
     cnnops("fetch", check=True)
     cnnops("prepare", check=True)
     single = train_json()
-    ddp = train_json("train.devices=2", "train.strategy=ddp")
+    ddp = train_json("train.devices=2", "train.strategy=ddp", "train.optimizer.lr_scaling=sqrt")
+    assert ddp["first_lr"] == pytest.approx(single["first_lr"] * 2**0.5)  # the global batch rule
     assert ddp["epochs_run"] >= 1 and Path("models/train/best.ckpt").is_file()
     assert abs(ddp["best_val_acc"] - single["best_val_acc"]) <= 0.03
     assert ddp["best_val_acc"] >= 0.95

@@ -246,6 +246,10 @@ class Optimizer(Section):
     backbone_lr_mult: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     """Pretrained architectures: the backbone's learning rate is lr times this; the new head
     takes lr itself."""
+    lr_scaling: Literal["none", "sqrt", "linear"] = "none"
+    """The rule for the global batch under DDP (train.batch_size is per device, so N devices
+    step on N x batch_size images): none keeps lr; sqrt multiplies it by sqrt(N) (suits Adam);
+    linear by N (Goyal et al., for SGD; pair it with a warm-up)."""
 
 
 class Scheduler(Section):

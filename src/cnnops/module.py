@@ -250,10 +250,11 @@ class Classifier(L.LightningModule):
         # L2 acts on weights only: decaying biases and batch-norm scales fights normalization.
         # A pretrained backbone learns at lr * backbone_lr_mult; the head (first: the lr logged)
         # at lr. Frozen parameters are in their groups too: they get no gradient until freed.
+        base_lr = opt.lr * lr_scale(opt.lr_scaling, self.trainer.world_size)
         groups = []
         for head in (True, False):
             params = [p for n, p in self.net.named_parameters() if self.is_head(n) == head]
-            lr = opt.lr if head else opt.lr * opt.backbone_lr_mult
+            lr = base_lr if head else base_lr * opt.backbone_lr_mult
             for decay in (True, False):
                 chosen = [p for p in params if (p.ndim > 1) == decay]
                 wd = opt.weight_decay if decay else 0.0
@@ -263,12 +264,12 @@ class Classifier(L.LightningModule):
         fused = True if self.device.type == "cuda" else None
         if opt.name == "sgd":
             optimizer: torch.optim.Optimizer = torch.optim.SGD(
-                groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.momentum > 0
+                groups, lr=base_lr, momentum=opt.momentum, nesterov=opt.momentum > 0
             )
         elif opt.name == "adam":
-            optimizer = torch.optim.Adam(groups, lr=opt.lr, fused=fused)
+            optimizer = torch.optim.Adam(groups, lr=base_lr, fused=fused)
         else:
-            optimizer = torch.optim.AdamW(groups, lr=opt.lr, fused=fused)
+            optimizer = torch.optim.AdamW(groups, lr=base_lr, fused=fused)
         scheduler = self._scheduler(optimizer)
         if scheduler is None:
             return optimizer
@@ -300,6 +301,11 @@ class Classifier(L.LightningModule):
                 optimizer, [warmup, cosine], [sched.warmup_epochs]
             )
         return None
+
+
+def lr_scale(rule: str, world_size: int) -> float:
+    """train.optimizer.lr_scaling: the factor on lr for a global batch of `world_size` devices."""
+    return {"none": 1.0, "sqrt": world_size**0.5, "linear": float(world_size)}[rule]
 
 
 def rng_state(augment: torch.nn.Module | None, cuda: bool = True) -> dict[str, Any]:

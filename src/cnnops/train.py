@@ -176,6 +176,15 @@ def build_module(config: Config, prepared: Prepared, pretrained: bool = True) ->
     return module
 
 
+def _strategy(t: Train) -> Any:
+    if t.strategy != "ddp":
+        return t.strategy
+    from lightning.pytorch.strategies import DDPStrategy
+
+    # Gradients are views into DDP's all-reduce buckets: no copy into the buckets per step.
+    return DDPStrategy(gradient_as_bucket_view=True)
+
+
 def _precision(value: str) -> Any:
     return "32-true" if value == "32" else value
 
@@ -286,7 +295,7 @@ def train(
         max_epochs=t.max_epochs,
         accelerator=t.accelerator,
         devices=t.devices,
-        strategy=t.strategy,
+        strategy=_strategy(t),
         sync_batchnorm=t.sync_batchnorm,
         precision=_precision(t.precision),
         deterministic=t.deterministic,
