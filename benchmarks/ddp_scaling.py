@@ -52,10 +52,13 @@ def train_rate(work: Path, args: argparse.Namespace, gpus: int, *extra: str) -> 
     wall = time.perf_counter() - started
     report = json.loads((work / "reports" / "train.json").read_text())
     with (work / "reports" / "train_curves.csv").open() as f:
-        seconds = [float(row["epoch_seconds"]) for row in csv.DictReader(f)]
+        rows = list(csv.DictReader(f))
+    seconds = [float(row["epoch_seconds"]) for row in rows]
     return {
         "images_per_s": args.n_train / statistics.median(seconds[1:]),
         "epoch_seconds": seconds,
+        "val_acc": [float(row["val_acc"]) for row in rows],
+        "train_loss": [float(row["train_loss"]) for row in rows],
         "process_seconds": round(wall, 1),
         **{k: report[k] for k in ("data_placement", "cuda_graphs", "best_val_acc")},
     }
@@ -92,7 +95,7 @@ def main() -> None:
         print(
             f"{name:>8} GPU(s): {run['images_per_s']:8.1f} images/s  {run['speedup']:.2f}x"
             f"  (process {run['process_seconds']} s, graphs {run['cuda_graphs']},"
-            f" placement {run['data_placement']}, best val_acc {run['best_val_acc']})",
+            f" placement {run['data_placement']}, val_acc by epoch {run['val_acc']})",
             flush=True,
         )
     results["runs"] = runs

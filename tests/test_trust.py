@@ -178,6 +178,15 @@ def test_a_swapped_or_corrupted_registered_checkpoint_is_refused_before_any_use(
 
     stored.write_bytes(original)  # restored: trusted again
     assert evaluate_stage(project)["challenger"]["model_version"] == 1
+    # What the trusted model learned is drawn, and logged with the evaluate run.
+    drawn = ["feature_maps_per_block.png", "first_layer_kernels.png", "gradcam_misclassified.png"]
+    assert sorted(p.name for p in (workdir / "reports/insight").iterdir()) == drawn
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name(project.mlflow.experiment).experiment_id],
+        "tags.`cnnops.stage` = 'evaluate'",
+    )
+    logged = client.list_artifacts(run.info.run_id, "evaluate/insight")
+    assert sorted(Path(a.path).name for a in logged) == drawn
 
     client.delete_model_version_tag("digits", "1", "checkpoint.sha256")
     with pytest.raises(RegistryError, match=r"digits version 1 has no checkpoint.sha256 tag"):

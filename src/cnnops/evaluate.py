@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,8 @@ from cnnops.data import prepare
 
 Predict = Callable[[np.ndarray], np.ndarray]
 """Raw uint8 images (N, C, H, W) → class probabilities (N, K)."""
+INSIGHT_IMAGES = 16
+"""Test images `cnnops.insight` draws from: the misclassified first."""
 
 
 def score(proba: np.ndarray, y: np.ndarray, classes: list[str]) -> dict[str, Any]:
@@ -59,7 +62,10 @@ def timed_predict(predict: Predict, x: np.ndarray, batch_size: int) -> tuple[np.
     return proba, round(len(x) / max(time.perf_counter() - started, 1e-9), 1)
 
 
-def _score_alias(client: Any, alias: str, data: prepare.Prepared, config: Config) -> dict[str, Any]:
+def _score_alias(
+    client: Any, alias: str, data: prepare.Prepared, config: Config
+) -> tuple[dict[str, Any], Any]:
+    """The scores of the model at `alias`, and that model (MLflow's pyfunc)."""
     model, version = registry.load_model(client, config.registry.model_name, alias)
     # One pass over the test split gives both the predictions and the inference speed.
     proba, speed = timed_predict(model.predict, data.x["test"], config.evaluate.batch_size)
@@ -68,7 +74,7 @@ def _score_alias(client: Any, alias: str, data: prepare.Prepared, config: Config
     result.update(
         model_name=config.registry.model_name, model_version=int(version.version), alias=alias
     )
-    return result
+    return result, model
 
 
 def _challenger_reports(result: dict[str, Any], data: prepare.Prepared, folder: Path) -> dict:
@@ -78,6 +84,20 @@ def _challenger_reports(result: dict[str, Any], data: prepare.Prepared, folder: 
         x[wrong], y[wrong], y_pred[wrong], data.classes, folder / "eval_misclassified.png"
     )
     return write_reports(result, data.classes, folder, "eval")
+
+
+def _insight(
+    model: Any, data: prepare.Prepared, y_pred: np.ndarray, folder: Path
+) -> dict[str, Path]:
+    """What the model learned (`cnnops.insight`), seen on test images, the misclassified first.
+    `folder` is the stage's own, rewritten whole: no picture of an earlier model stays in it."""
+    from cnnops.insight import explain
+
+    x, y = data.x["test"], data.y["test"]
+    order = np.concatenate([np.flatnonzero(y_pred != y), np.flatnonzero(y_pred == y)])
+    picked = order[:INSIGHT_IMAGES]
+    shutil.rmtree(folder, ignore_errors=True)
+    return explain(model.unwrap_python_model().model, x[picked], y[picked], data.classes, folder)
 
 
 def _champion_report(result: dict[str, Any] | None, folder: Path) -> dict:
@@ -98,9 +118,10 @@ def evaluate_stage(config: Config) -> dict[str, Any]:
     data, folder = prepare.load(config.paths.prepared), config.paths.reports
     name = config.registry.model_name
     client = registry.connect(config.mlflow)
-    challenger = _score_alias(client, registry.CHALLENGER, data, config)
+    challenger, model = _score_alias(client, registry.CHALLENGER, data, config)
     has_champion = registry.version_by_alias(client, name, registry.CHAMPION) is not None
-    champion = _score_alias(client, registry.CHAMPION, data, config) if has_champion else None
+    champion = _score_alias(client, registry.CHAMPION, data, config)[0] if has_champion else None
+    insight = _insight(model, data, challenger["y_pred"], folder / "insight")
     results = {
         "challenger": _challenger_reports(challenger, data, folder),
         "champion": _champion_report(champion, folder),
@@ -125,4 +146,6 @@ def evaluate_stage(config: Config) -> dict[str, Any]:
             "eval_misclassified.png",
         ):
             tracker.log_artifact(folder / path, "evaluate")
+        for picture in insight.values():
+            tracker.log_artifact(picture, "evaluate/insight")
     return results

@@ -179,10 +179,10 @@ def build_module(config: Config, prepared: Prepared, pretrained: bool = True) ->
 def _strategy(t: Train) -> Any:
     if t.strategy != "ddp":
         return t.strategy
-    from lightning.pytorch.strategies import DDPStrategy
+    from cnnops.ddp_trials import SameStreamDDP
 
     # Gradients are views into DDP's all-reduce buckets: no copy into the buckets per step.
-    return DDPStrategy(gradient_as_bucket_view=True)
+    return SameStreamDDP(gradient_as_bucket_view=True)
 
 
 def _precision(value: str) -> Any:
