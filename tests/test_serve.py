@@ -66,7 +66,10 @@ def test_served_champion_labels_raw_images_and_refuses_bad_input(
     assert (proba.argmax(axis=1) == y).mean() > 0.5
 
     status, body = post(served, {"inputs": x[:, 0].tolist()})
-    assert status == 400 and body["message"].endswith("(N, 1, 8, 8); got (40, 8, 8)")
+    assert status == 400
+    assert (
+        body["message"] == "expected raw uint8 images of shape (N, 1, 8, 8); got uint8 (40, 8, 8)"
+    )
     for wrong in ((x / 255.0).tolist(), np.full((2, 1, 8, 8), 300).tolist(), [[[["a"] * 8] * 8]]):
         status, body = post(served, {"inputs": wrong})
         assert status == 400 and "expected raw uint8 images" in body["message"], body
@@ -76,29 +79,46 @@ def test_served_champion_labels_raw_images_and_refuses_bad_input(
     ("payload", "problem"),
     [
         ({"inputs": [[[[0, 255]]]]}, None),
-        ({"instances": [[[[7]]]]}, None),
-        ({"inputs": [[[[0.5]]]]}, "0.5"),
-        ({"inputs": [[[[-1]]]]}, "-1"),
-        ({"inputs": [[[[True]]]]}, "True"),
+        ({"instances": [[[[7, 8]]]]}, None),
+        (
+            {"inputs": [[[[0.5, 1]]]]},
+            "got float64 (1, 1, 1, 2): pixel values are integers 0..255, not normalized floats",
+        ),
+        ({"inputs": [[[[-1, 1]]]]}, "got int64 (1, 1, 1, 2) with values outside 0..255"),
+        ({"inputs": [[[[True, False]]]]}, "got bool (1, 1, 1, 2)"),
+        ({"inputs": [[[[True, 3]]]]}, "got True among the pixel values"),
+        ({"inputs": [[[["a", "b"]]]]}, "got <U1 (1, 1, 1, 2)"),
+        ({"inputs": [[[0, 255]]]}, "got uint8 (1, 1, 2)"),
+        ({"inputs": []}, "got an empty batch: send at least one image"),
+        ({"inputs": [[[[1, 2], [3]]]]}, "got a ragged list"),
         ({"dataframe_split": {}}, None),
         ("not json", None),
     ],
 )
-def test_pixel_guard_names_the_first_value_that_is_not_a_uint8(
+def test_pixel_guard_answers_a_json_payload_in_the_model_s_words(
     payload: object, problem: str | None
 ) -> None:
     from cnnops.registry.serve import pixel_problem
 
     body = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
-    found = pixel_problem(body)
-    assert found is None if problem is None else problem in found
+    expected = problem and f"expected raw uint8 images of shape (N, 1, 1, 2); {problem}"
+    assert pixel_problem(body, (1, 1, 2)) == expected
 
 
-def test_pixel_guard_names_a_wrong_image_shape() -> None:
+@pytest.mark.parametrize(
+    "images",
+    [
+        np.arange(16, dtype=np.uint8).reshape(2, 1, 2, 4),
+        np.arange(16, dtype=np.uint8).reshape(2, 2, 4),
+        np.zeros((2, 3, 2, 4), dtype=np.uint8),
+        np.linspace(0, 1, 16).reshape(2, 1, 2, 4),
+        np.arange(16, dtype=np.int64).reshape(2, 1, 2, 4) * 100,
+        np.zeros((0, 1, 2, 4), dtype=np.uint8),
+    ],
+)
+def test_a_request_gets_the_message_predict_gives_for_the_same_pixels(images: np.ndarray) -> None:
+    from cnnops.registry.model import images_problem
     from cnnops.registry.serve import pixel_problem
 
-    assert pixel_problem(json.dumps({"inputs": [[[[1] * 8] * 8]]}).encode(), (1, 8, 8)) is None
-    found = pixel_problem(json.dumps({"inputs": [[[1] * 8] * 8]}).encode(), (1, 8, 8))
-    assert found == "expected images of shape (N, 1, 8, 8); got (1, 8, 8)"
-    ragged = json.dumps({"inputs": [[[[1, 2], [3]]]]}).encode()
-    assert "ragged" in pixel_problem(ragged, (1, 2, 2))
+    body = json.dumps({"inputs": images.tolist()}).encode()
+    assert pixel_problem(body, (1, 2, 4)) == images_problem(images, (1, 2, 4))

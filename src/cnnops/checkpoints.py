@@ -11,12 +11,18 @@ import re
 import warnings
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cnnops.errors import DataError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from torch import nn
+
     from cnnops.module import Classifier
+
+Module = TypeVar("Module", bound="nn.Module")
 
 _CHUNK = 1 << 20
 
@@ -76,6 +82,12 @@ def load_classifier(path: Path) -> Classifier:
     or whose weights do not fit the network they describe, is a DataError naming the file."""
     from cnnops.module import Classifier
 
+    return rebuild(Classifier, path)
+
+
+def rebuild(build: Callable[..., Module], path: Path) -> Module:
+    """`build(**hyper_parameters)` of the checkpoint at `path`, its state_dict loaded, in eval
+    mode: the Classifier, or a module that takes the same state (`cnnops.registry.network`)."""
     path = Path(path)
     checkpoint = load_checkpoint(path)
     hparams, state = checkpoint.get("hyper_parameters"), checkpoint.get("state_dict")
@@ -85,7 +97,7 @@ def load_classifier(path: Path) -> Classifier:
             "that `cnnops train` saves"
         )
     try:
-        model = Classifier(**hparams)
+        model = build(**hparams)
         model.load_state_dict(state)
     except Exception as e:  # wrong keys, shapes or hyper-parameters: all the same to the user
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cnnops import runs, studies
+from cnnops import progress, runs, studies
 from cnnops.config import LEVERS, LOG_SCALE, Config
 from cnnops.errors import CnnopsError
 
@@ -335,7 +335,7 @@ def run_worker(job: Job, on_trial: Callable[[optuna.Study], None] | None = None)
 
 def _log(study: optuna.Study, number: int, job: Job) -> None:
     """One line per trial for logs; a terminal has the progress bar instead."""
-    if sys.stdout.isatty():
+    if progress.shown():
         return
     t = study.trials[number]
     value = f" {job.config.tune.metric}={t.value:.5g}" if t.value is not None else ""
@@ -356,7 +356,7 @@ def quiet() -> None:
 
     quiet_lightning()
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    if sys.stdout.isatty():  # the progress bar says it all
+    if progress.shown():  # the progress bar says it all
         optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cnnops import runs, studies, tune
+from cnnops import progress, runs, studies, tune
 from cnnops.config import LEVERS, Config, dump_yaml
 from cnnops.errors import CnnopsError, DataError
 
@@ -24,13 +23,12 @@ if TYPE_CHECKING:
 
 
 class Progress:
-    """A bar over finished trials with the best value so far; silent when stdout is no TTY."""
+    """A bar over finished trials with the best value so far, on a terminal's stderr only
+    (`cnnops.progress`); without one, each worker logs a line per trial instead."""
 
     def __init__(self, total: int, metric: str) -> None:
-        from tqdm import tqdm
-
         self.metric = metric
-        self.bar = tqdm(total=total, desc="trials", unit="trial", disable=not sys.stdout.isatty())
+        self.bar = progress.bar(total, "trials", unit="trial")
 
     def update(self, study: optuna.Study) -> None:
         c = tune.counts(study)

@@ -166,3 +166,13 @@ def test_a_preempted_prepare_leaves_nothing_partial_and_the_rerun_keeps_its_work
     decoded = int(done.stderr.split(" images: ")[1].split(" decoded")[0])
     assert decoded < 1000  # what the killed run decoded stayed in the cache
     assert len(np.load(workdir / "data/prepared/train_y.npy")) > 600
+
+
+def test_resizing_a_chunk_at_a_time_gives_the_whole_batch_result() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    x = np.random.default_rng(0).integers(0, 256, (37, 3, 8, 8), dtype=np.uint8)
+    t = F.interpolate(torch.from_numpy(x).float(), size=(20, 20), mode="bilinear", antialias=True)
+    whole = t.round().clamp(0, 255).to(torch.uint8).numpy()
+    assert np.array_equal(prepare.resize(x, 20, chunk=5), whole)

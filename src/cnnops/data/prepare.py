@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from cnnops import progress
 from cnnops.data.images import Cache, decode_all
 from cnnops.data.sources import image_folder, load_raw, original_name
 from cnnops.errors import DataError
@@ -54,16 +55,22 @@ def stratified_split(y: np.ndarray, fractions: list[float], seed: int) -> list[n
     return [rest, *sized]
 
 
-def resize(x: np.ndarray, size: int) -> np.ndarray:
+def resize(x: np.ndarray, size: int, desc: str = "resize", chunk: int = 1024) -> np.ndarray:
+    """uint8 images (N, C, H, W) resized to `size` (bilinear, antialiased), `chunk` images at a
+    time behind a progress bar: a float copy of a whole split, upscaled, may not fit in memory."""
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
     import torch
     import torch.nn.functional as F
 
-    t = F.interpolate(
-        torch.from_numpy(x).float(), size=(size, size), mode="bilinear", antialias=True
-    )
-    return t.round().clamp(0, 255).to(torch.uint8).numpy()
+    out = np.empty((*x.shape[:-2], size, size), dtype=np.uint8)
+    with progress.bar(len(x), desc, unit="img") as bar:
+        for start in range(0, len(x), chunk):
+            t = torch.from_numpy(np.ascontiguousarray(x[start : start + chunk])).float()
+            t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True)
+            out[start : start + len(t)] = t.round().clamp(0, 255).to(torch.uint8).numpy()
+            bar.update(len(t))
+    return out
 
 
 class ChannelStats:
@@ -107,7 +114,7 @@ def split(config: Config, raw: Path) -> Prepared:
         xs = {"train": x[train], "val": x[val], "test": data.test[0]}
         ys = {"train": y[train], "val": y[val], "test": data.test[1]}
     if p.image_size:
-        xs = {k: resize(v, p.image_size) for k, v in xs.items()}
+        xs = {k: resize(v, p.image_size, f"resize {k}") for k, v in xs.items()}
     check_splits(ys)
     mean, std = statistics(xs["train"])
     return Prepared(xs, ys, data.classes, mean, std)
@@ -265,10 +272,11 @@ def _write_images(path: Path, keys: list[str], cache: Cache, stats: ChannelStats
         "fortran_order": False,
         "shape": (len(keys), t.channels, t.size, t.size),
     }
-    with path.open("wb") as f:
+    with path.open("wb") as f, progress.bar(len(keys), f"write {path.stem}", "img") as bar:
         np.lib.format.write_array_header_1_0(f, header)
         for key in keys:
             x = cache.read(key)
             if stats is not None:
                 stats.add(x)
             f.write(x.tobytes())
+            bar.update()

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
+from cnnops import progress
 from cnnops.data.images import is_junk
 from cnnops.errors import DataError
 from cnnops.runs import atomic_dir
@@ -126,9 +127,17 @@ def input_size(config: Config) -> int:
 
 
 def open_url(url: str) -> bytes:
+    """The bytes at `url`, read a megabyte at a time behind a progress bar (on a terminal)."""
+    name = url.rstrip("/").rsplit("/", 1)[-1] or url
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
-            return response.read()
+            size = int(response.headers.get("Content-Length") or 0) or None
+            chunks = []
+            with progress.bar(size, name, unit="B") as bar:
+                while chunk := response.read(1 << 20):
+                    chunks.append(chunk)
+                    bar.update(len(chunk))
+            return b"".join(chunks)
     except (OSError, ValueError) as e:
         raise DataError(f"{url}: download failed: {e}") from None
 

@@ -1,8 +1,10 @@
 """`cnnops serve`: MLflow's scoring server for `models:/<name>@<alias>`, raw pixels enforced.
 
-MLflow's JSON parser casts every number to the signature's dtype, so normalized floats (0.42)
-would silently become pixel 0. A thin ASGI guard in front of MLflow's own app refuses them
-with a 400 before the cast; everything else (routes, formats, errors) is MLflow's server.
+A thin ASGI guard in front of MLflow's own app answers a JSON request that is not raw pixels of
+the model's shape with a 400 and the model's own one-line message (`images_problem`), before
+MLflow sees it: MLflow would paste the whole payload into its error, and a model registered with
+an input schema would have its JSON numbers cast to uint8 (normalized 0.42 silently becoming
+pixel 0). Everything else (routes, formats, errors) is MLflow's server.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cnnops.registry.model import image_shape
+from cnnops.registry.model import expected_input, image_shape, images_problem
 from cnnops.registry.store import connect, load_model
 
 if TYPE_CHECKING:
@@ -24,42 +26,48 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 
-def pixel_problem(body: bytes, shape: tuple[int, ...] | None = None) -> str | None:
-    """Why a JSON `inputs`/`instances` payload is not raw uint8 pixels; None when it is."""
+def pixel_problem(body: bytes, shape: tuple[int, ...]) -> str | None:
+    """Why a JSON `inputs`/`instances` payload is not raw images of `shape` (C, H, W), in the
+    words `predict` would use for the same pixels as an array; None when it is, or when the
+    body is another format (MLflow's parser answers those)."""
     try:
         payload = json.loads(body)
     except ValueError:
         return None  # not JSON: MLflow's parser gives its own answer
     data = payload.get("inputs", payload.get("instances")) if isinstance(payload, dict) else None
-    stack = [data] if isinstance(data, list) else []
+    if not isinstance(data, list):
+        return None
+    odd = first_non_pixel(data)
+    if odd is None:  # integers 0..255 only: the uint8 array a Python caller would send
+        try:
+            return images_problem(np.asarray(data, dtype=np.uint8), shape)
+        except ValueError:
+            return images_problem(data, shape)  # ragged
+    # As numpy reads the values (float64, bool, int64...); a true among integers reads as 1.
+    return images_problem(data, shape) or (
+        f"expected {expected_input(shape)}; got {odd!r} among the pixel values"
+    )
+
+
+def first_non_pixel(data: list) -> Any:
+    """The first value in nested lists that is not an integer 0..255 (a bool is not); None."""
+    stack = [data]
     while stack:
         item = stack.pop()
         if isinstance(item, list):
-            stack.extend(item)
+            stack.extend(reversed(item))
         elif isinstance(item, bool) or not isinstance(item, int) or not 0 <= item <= 255:
-            return (
-                f"expected raw uint8 images: integer pixel values 0..255 in (N, C, H, W) "
-                f"lists, got {item!r}; send pixels as they are, not normalized"
-            )
-    if shape is None or not isinstance(data, list):
-        return None
-    try:
-        got = np.asarray(data, dtype=np.int64).shape
-    except ValueError:
-        got = ("ragged",)
-    if len(got) != 4 or got[1:] != shape:
-        # MLflow would answer too, but with the whole payload pasted into its message.
-        return f"expected images of shape (N, {', '.join(map(str, shape))}); got {got}"
+            return item
     return None
 
 
 class RawPixelsOnly:
-    """ASGI middleware: a 400 for non-uint8 pixels or wrong image shapes posted to /invocations."""
+    """ASGI middleware: a 400 for anything but raw images of `shape` posted to /invocations."""
 
     def __init__(
         self,
         app: Callable[[Message, Receive, Send], Awaitable[None]],
-        shape: tuple[int, ...] | None = None,
+        shape: tuple[int, ...],
     ) -> None:
         self.app, self.shape = app, shape
 
