@@ -215,3 +215,59 @@ def png_data_uri(path: Path, scale: float = 1.0) -> str | None:
         image.thumbnail(io.BytesIO(data), stream, scale=scale)
         data = stream.getvalue()
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def plot_fit(
+    rows: list[dict[str, Any]], path: Path, marks: dict[str, int], title: str = ""
+) -> None:
+    """Loss (log scale) and accuracy per epoch with the train/validation gap shaded, red where
+    validation is worse, and a vertical line at each of `marks` (label → epoch)."""
+    plt = _pyplot()
+    with plt.style.context("default"):  # not the style an Optuna plot left behind
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, metric in zip(axes, ("loss", "acc"), strict=True):
+            _fit_panel(ax, rows, metric, marks)
+        fig.suptitle(title or "training curves")
+        _save(fig, path)
+
+
+def _fit_panel(ax: Any, rows: list[dict[str, Any]], metric: str, marks: dict[str, int]) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = np.array([r["epoch"] for r in rows], dtype=float)
+    # dtype float: a missing value (None) is drawn as a gap (nan)
+    train, val = (np.array([r.get(f"{s}_{metric}") for r in rows], float) for s in ("train", "val"))
+    worse = val > train if metric == "loss" else val < train
+    ax.fill_between(epochs, train, val, where=worse, color="tab:red", alpha=0.18, label="gap")
+    ax.fill_between(epochs, train, val, where=~worse, color="tab:green", alpha=0.12)
+    ax.plot(epochs, train, "-o", color="tab:blue", markersize=3, label="train")
+    ax.plot(epochs, val, "-s", color="tab:orange", markersize=3, label="validation")
+    for (label, epoch), style in zip(marks.items(), ("--", ":", "-."), strict=False):
+        ax.axvline(epoch, color="0.35", linestyle=style, linewidth=1, label=label)
+    if metric == "loss":
+        ax.set_yscale("log", nonpositive="mask")  # a turn near zero loss stays visible
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy" if metric == "acc" else "cross-entropy loss (log scale)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def plot_study_view(study: Any, name: str, path: Path) -> None:
+    """One of Optuna's `STUDY_PLOTS` of `study` as a PNG; Optuna's ValueError or RuntimeError
+    when it cannot draw it (importances need two complete trials)."""
+    import warnings
+
+    import optuna.visualization.matplotlib as views
+    from matplotlib.ticker import MaxNLocator
+
+    plt = _pyplot()
+    # Optuna switches the whole process to its ggplot style: the context takes it back after.
+    with plt.style.context("default"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks its matplotlib views experimental
+        ax = getattr(views, f"plot_{name}")(study)
+        if name == "optimization_history":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trial numbers
+        # One axis per lever side by side: they need the width.
+        ax.figure.set_size_inches(14 if name == "parallel_coordinate" else 10, 5)
+        _save(ax.figure, path)
