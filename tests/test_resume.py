@@ -161,7 +161,7 @@ def test_killed_and_preempted_training_resumes_to_an_uninterrupted_runs_result(
     for key in ("best_val_acc", "best_val_loss", "best_epoch", "epochs_run"):
         assert metrics[key] == expected[key], key
     history = tracking.client(load_config(project / "params.yaml").mlflow).get_metric_history(
-        run_id, "val_loss"
+        run_id, "val/loss"
     )
     assert {m.step for m in history} == set(range(1, EPOCHS + 1))
     # last.ckpt is the last epoch, not the best one.

@@ -133,7 +133,7 @@ def one_line_exit_2(result: subprocess.CompletedProcess, command: str) -> str:
 
 
 def test_a_writer_runs_the_pipeline_a_reader_cannot_promote_and_no_secret_is_written(
-    team: Team, tmp_path: Path
+    team: Team, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Nobody gets in without an account.
     with pytest.raises(urllib.error.HTTPError) as refused:
@@ -188,8 +188,7 @@ def test_a_writer_runs_the_pipeline_a_reader_cannot_promote_and_no_secret_is_wri
     import mlflow
     import numpy as np
 
-    mlflow.set_tracking_uri(team.url)
-    mlflow.set_registry_uri(team.url)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", team.url)
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}@challenger")  # as the reader
     x = np.load(project / "data/prepared/test_x.npy")[:4]
     assert model.predict(x).shape == (4, 10)

@@ -3,6 +3,7 @@ the run when it comes back, or one line and a non-zero exit with the outputs kep
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -105,6 +106,30 @@ def test_a_server_that_goes_away_mid_training_gets_the_run_replayed(
         client = tracking.client(config.mlflow)
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED"
-        assert {m.step for m in client.get_metric_history(run_id, "val_loss")} == {1, 2, 3}
+        assert {m.step for m in client.get_metric_history(run_id, "val/loss")} == {1, 2, 3}
         assert run.data.metrics["epochs_run"] == 3
         assert run.data.params["train.max_epochs"] == "3"
+
+
+def test_the_fluent_api_sees_the_project_store_inside_the_block_and_nothing_changes_after(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    config = load_config(workdir / "params.yaml")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)  # restored after, as it was
+    before = mlflow.get_tracking_uri()
+    with tracking.fluent(config.mlflow):
+        assert mlflow.get_tracking_uri() == mlflow.get_registry_uri() == "sqlite:///mlflow.db"
+    assert mlflow.get_tracking_uri() == before
+    assert not {"MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"} & set(os.environ)
+
+    # A registry a caller chose for the whole process is swapped for the block, then restored.
+    try:
+        mlflow.set_registry_uri("sqlite:///elsewhere.db")
+        with tracking.fluent(config.mlflow):
+            assert mlflow.get_registry_uri() == "sqlite:///mlflow.db"
+        assert mlflow.get_registry_uri() == "sqlite:///elsewhere.db"
+    finally:
+        mlflow.set_registry_uri(None)  # type: ignore[arg-type]

@@ -88,7 +88,7 @@ def test_train_stage_records_the_run_in_mlflow(workdir: Path, digits: prepare.Pr
     assert run.data.params["model.conv.0.filters"] == "32"
     assert run.data.params["train.max_epochs"] == "3"
     assert {"git.commit", "torch", "device"} <= set(run.data.tags)
-    history = client.get_metric_history(run_id, "val_acc")
+    history = client.get_metric_history(run_id, "val/acc")
     assert [m.step for m in history] == [1, 2, 3]
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.resolved.yaml", "train_curves.png", "train_curves.csv"} <= artifacts

@@ -153,9 +153,7 @@ def test_the_transfer_variant_goes_the_whole_way(
     assert promotion["promoted"] is True
     assert (variant / "models/champion.onnx").stat().st_size > 1_000_000  # MobileNetV2's weights
 
-    uri = f"sqlite:///{variant / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{variant / 'mlflow.db'}")
     x = np.load(variant / "data/prepared/test_x.npy")[:16]
     assert x.dtype == np.uint8 and x.shape[1:] == (3, 64, 64)
     local = mlflow.pyfunc.load_model("models:/cnnops-transfer@champion").predict(x)

@@ -101,7 +101,7 @@ def test_tune_writes_outputs_and_one_mlflow_child_per_trial(digits: Path) -> Non
         assert child.data.tags["optuna.state"] == state
         assert {f"hp.{k}" for k in trial.params} <= set(child.data.params)
     best_child = by_id[run["mlflow_run_id"]]
-    assert "val_loss" in best_child.data.metrics  # the per-epoch curves
+    assert "val/loss" in best_child.data.metrics  # the per-epoch curves
     parent_run = tracking.client(cfg).get_run(parent)
     assert parent_run.info.status == "FINISHED"
     assert parent_run.data.metrics["best_value"] == pytest.approx(study.best_value)

@@ -256,6 +256,26 @@ def rollback(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> No
 
 @app.command()
 @clear_errors
+def report(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="The HTML file to write (the .md beside it); paths.reports/report.html."
+        ),
+    ] = None,
+) -> None:
+    """One self-contained HTML report, and its Markdown twin, of what the pipeline wrote: data,
+    curves with a fit verdict, evaluation, study, champion vs challenger, cost, insight."""
+    from cnnops.report_html import write_report
+
+    config = _config(params, set_)
+    _print(write_report(config, out or config.paths.reports / "report.html"))
+
+
+@app.command()
+@clear_errors
 def serve(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
@@ -267,6 +287,55 @@ def serve(
     from cnnops.registry.serve import serve as run
 
     run(_config(params, set_), alias, host, port)
+
+
+@app.command()
+@clear_errors
+def ui(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 5000,
+) -> None:
+    """Start MLflow's UI on the project's tracking store and print the experiment's page: runs,
+    curves, per-epoch images, system metrics, the registry. A tracking server is its own UI:
+    only its page is printed."""
+    import os
+
+    from cnnops.team import mask
+    from cnnops.tracking import check_reachable, tracking_uri, ui_command, ui_url
+
+    cfg = _config(params, set_).mlflow
+    command = ui_command(cfg, host, port)
+    if command is None:  # a tracking server: its UI is at its URL
+        check_reachable(cfg)
+        typer.echo(f"MLflow UI: {mask(ui_url(cfg, tracking_uri(cfg)))}")
+        return
+    store, page = mask(tracking_uri(cfg)), ui_url(cfg, f"http://{host}:{port}")
+    typer.echo(f"MLflow UI on {store}: {page}")
+    os.execv(command[0], command)  # the UI's own process from here: Ctrl-C and signals reach it
+
+
+@app.command()
+@clear_errors
+def dashboard(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+) -> None:
+    """Start optuna-dashboard on the study storage (tune.storage): trials, history, importances."""
+    from optuna_dashboard import run_server
+
+    from cnnops.errors import DataError
+    from cnnops.studies import is_rdb, open_storage, storage_url
+    from cnnops.team import mask
+
+    url = storage_url(_config(params, set_))
+    if not is_rdb(url) and not Path(url).is_file():
+        raise DataError(f"{url}: no study yet (tune.storage); run `cnnops tune` first")
+    typer.echo(f"optuna-dashboard on {mask(url)}: http://{host}:{port}")
+    run_server(open_storage(url, on_stale=lambda *_: None), host=host, port=port)
 
 
 @app.command()

@@ -14,7 +14,7 @@ import platform
 import re
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -159,6 +159,7 @@ class Tracker(Protocol):
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None: ...
     def log_artifact(self, path: Path, folder: str | None = None) -> None: ...
+    def log_image(self, key: str, image: Any, step: int) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def close(self, status: str = "FINISHED") -> None: ...
 
@@ -177,6 +178,9 @@ class NullTracker:
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         pass
 
+    def log_image(self, key: str, image: Any, step: int) -> None:
+        pass
+
     def set_tags(self, tags: dict[str, str]) -> None:
         pass
 
@@ -189,9 +193,79 @@ def tracking_uri(cfg: Mlflow) -> str:
 
 
 def client(cfg: Mlflow) -> MlflowClient:
+    """A client on the project's store, for runs and the registry alike."""
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri(cfg), registry_uri=tracking_uri(cfg))
+
+
+@contextlib.contextmanager
+def fluent(cfg: Mlflow) -> Iterator[None]:
+    """MLflow's fluent API (`mlflow.start_run`, `log_model`, `register_model`), which takes no
+    URI, on the project's store for the block; what the process had before comes back after."""
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.update(dict.fromkeys(names, uri))
+    # A URI a caller set with mlflow.set_*_uri outranks the environment: swapped for the block.
+    pairs = (
+        (mlflow.get_tracking_uri, mlflow.set_tracking_uri),
+        (mlflow.get_registry_uri, mlflow.set_registry_uri),
+    )
+    swapped = [(set_uri, get()) for get, set_uri in pairs if get() != uri]
+    for set_uri, _ in swapped:
+        set_uri(uri)
+    try:
+        yield
+    finally:
+        for set_uri, previous in swapped:
+            set_uri(previous)
+        for key, value in saved.items():  # after: set_tracking_uri writes the variable too
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def ui_command(cfg: Mlflow, host: str, port: int) -> list[str] | None:
+    """The `mlflow ui` command on the project's store; None for a tracking server, which has its
+    own UI at its URL."""
+    uri = tracking_uri(cfg)
+    if uri.startswith(("http://", "https://")):
+        return None
+    ui = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
+    return [*ui, "--host", host, "--port", str(port)]
+
+
+def ui_url(cfg: Mlflow, base: str) -> str:
+    """The page of the project's experiment in the MLflow UI at `base`: its runs table, in the
+    UI's "Model training" view (`base` itself while the experiment does not exist yet)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client(cfg).get_experiment_by_name(cfg.experiment)
+    except MlflowException:
+        found = None
+    if found is None:
+        return base
+    return f"{base.rstrip('/')}/#/experiments/{found.experiment_id}?workflowType=machine_learning"
+
+
+# MLflow 3's UI opens an experiment on its GenAI overview (traces, evaluations) unless the
+# experiment is of the kind "Machine learning": this tag, as the UI's own kind picker sets it.
+# Where the UI has a GenAI / Model training switch, the switch decides instead, and `ui_url`
+# names the Model training view.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# The curves as MLflow shows them: one chart section per split (train/, val/). The CSV and JSON
+# reports keep the names DVC plots read (train_loss, val_acc, ...).
+METRIC_NAMES = {
+    "train_loss": "train/loss",
+    "train_acc": "train/acc",
+    "val_loss": "val/loss",
+    "val_acc": "val/acc",
+}
 
 
 def experiment_id(c: MlflowClient, cfg: Mlflow) -> str:
@@ -205,13 +279,14 @@ def experiment_id(c: MlflowClient, cfg: Mlflow) -> str:
     local = uri.startswith(("sqlite:", "postgresql:", "mysql:")) or "://" not in uri
     location = Path(cfg.artifact_location).resolve().as_uri() if local else None
     try:
-        return c.create_experiment(cfg.experiment, artifact_location=location)
+        return c.create_experiment(cfg.experiment, location, tags=EXPERIMENT_KIND)
     except MlflowException:  # another worker created it first
         return c.get_experiment_by_name(cfg.experiment).experiment_id  # type: ignore[union-attr]
 
 
 class MlflowTracker:
-    """One MLflow run; metrics go out asynchronously and are flushed on `close`. As a context
+    """One MLflow run; metrics and images go out asynchronously and are flushed on `close`, and
+    system metrics (CPU, memory, GPU) are sampled every second while it is open. As a context
     manager it closes the run FINISHED, KILLED when a signal stopped the block, or FAILED.
 
     If the server stops answering mid-run, calls are kept instead of raised, and replayed in
@@ -231,17 +306,19 @@ class MlflowTracker:
         self._sender: Any = None
         self._backlog: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
         self.down: str | None = None  # why the server stopped answering, while it does not
-        if run_id and self._reopen(run_id):  # e.g. a study's parent run, or a resumed training
-            self.run_id: str = run_id
+        reopened = bool(run_id) and self._reopen(str(run_id))
+        if reopened:  # e.g. a study's parent run, or a resumed training
+            self.run_id: str = str(run_id)
             self.set_tags(tags or {})
-            return
-        all_tags = dict(tags or {})
-        if parent_run_id:
-            all_tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(
-            experiment_id(self.client, cfg), run_name=run_name, tags=all_tags
-        )
-        self.run_id = run.info.run_id
+        else:
+            all_tags = dict(tags or {})
+            if parent_run_id:
+                all_tags["mlflow.parentRunId"] = parent_run_id
+            run = self.client.create_run(
+                experiment_id(self.client, cfg), run_name=run_name, tags=all_tags
+            )
+            self.run_id = run.info.run_id
+        self._system = _system_monitor(cfg, self.run_id, resume=reopened)
 
     def _reopen(self, run_id: str) -> bool:
         """Mark `run_id` RUNNING again; False when this store does not hold it."""
@@ -294,23 +371,36 @@ class MlflowTracker:
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
         """The numbers of `metrics`; other values (None, text) are not metrics and stay out."""
         import time
-        from concurrent.futures import ThreadPoolExecutor
 
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [
-            Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, int | float)
+            Metric(METRIC_NAMES.get(k, k), float(v), now, step)
+            for k, v in metrics.items()
+            if isinstance(v, int | float)
         ]
         if not batch:
             return
         # One sender thread of our own keeps the epochs in order and training never waits on the
         # store. (MLflow's `synchronous=False` queue costs a fixed second at every run's end: its
         # worker polls with a one-second timeout before it can be joined.)
+        self._send(self.client.log_batch, self.run_id, batch)
+
+    def log_image(self, key: str, image: Any, step: int) -> None:
+        """An image (PIL, or uint8 H x W x C) as `key` at `step`: MLflow's UI shows each key's
+        images on a step slider. Encoded and sent off the training thread."""
+        import functools
+
+        log = functools.partial(self.client.log_image, key=key, step=step, synchronous=True)
+        self._send(log, self.run_id, image)
+
+    def _send(self, fn: Callable[..., Any], *args: Any) -> None:
+        """`fn(*args)` on the sender thread, in order with everything sent before."""
+        from concurrent.futures import ThreadPoolExecutor
+
         self._sender = self._sender or ThreadPoolExecutor(1, thread_name_prefix="cnnops-mlflow")
-        self._pending.append(
-            self._sender.submit(self._call, self.client.log_batch, self.run_id, batch)
-        )
+        self._pending.append(self._sender.submit(self._call, fn, *args))
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         self._call(self.client.log_artifact, self.run_id, str(path), folder)
@@ -332,6 +422,7 @@ class MlflowTracker:
         if self._sender is not None:
             self._sender.shutdown()
             self._sender = None
+        self._stop_system_monitor()
         try:
             while self._backlog:  # what the server missed, in the order it happened
                 fn, args = self._backlog[0]
@@ -345,6 +436,39 @@ class MlflowTracker:
                 "server is back"
             ) from None
         self.down = None
+
+    def _stop_system_monitor(self) -> None:
+        monitor, self._system = self._system, None
+        if monitor is None:
+            return
+        if self.down is None:
+            monitor.finish()  # its last samples go out before the run ends
+        else:  # its last send would wait out the HTTP retries: let it go with the process
+            import threading
+
+            threading.Thread(target=monitor.finish, daemon=True).start()
+
+
+def _system_monitor(cfg: Mlflow, run_id: str, resume: bool) -> Any:
+    """MLflow's system metrics monitor on `run_id` (`system/cpu_utilization_percentage`, GPU
+    ones where nvidia-ml-py is installed), sampling every second so a short run still has a
+    curve; None when MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING is false."""
+    if os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").lower() in ("false", "0"):
+        return None
+    # The monitor `mlflow.start_run(log_system_metrics=True)` starts; our runs are the client's,
+    # so it is started here. MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL still overrides the second.
+    import logging
+
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    # Its start and stop are INFO lines, four per run: a study would print pages of them.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+
+    monitor = SystemMetricsMonitor(
+        run_id, sampling_interval=1, resume_logging=resume, tracking_uri=tracking_uri(cfg)
+    )
+    monitor.start()
+    return monitor
 
 
 def end_run(cfg: Mlflow, run_id: str, status: str, tags: dict[str, str]) -> None:
@@ -371,6 +495,32 @@ def child_runs(cfg: Mlflow, parent_run_id: str) -> list[Any]:
         max_results=10000,
         filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
     )
+
+
+def update_metrics(
+    cfg: Mlflow, run_id: str, metrics: dict[str, float], step: int = 0
+) -> list[str] | None:
+    """Log to the existing run `run_id` each metric whose latest value differs, its status left
+    as it is; the names logged, or None when the store does not hold the run. A missing SQLite
+    file is not created: a report that reads the store must not make one."""
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri(cfg)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return None
+    c = client(cfg)
+    try:
+        latest = c.get_run(run_id).data.metrics
+    except MlflowException:
+        return None
+    changed = {k: float(v) for k, v in metrics.items() if latest.get(k) != float(v)}
+    now = int(time.time() * 1000)
+    if changed:
+        c.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in changed.items()])
+    return sorted(changed)
 
 
 def git_commit(cwd: Path = Path()) -> str:

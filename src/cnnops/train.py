@@ -282,7 +282,16 @@ def train(
     last = ModelCheckpoint(
         dirpath=out_dir, filename="last", save_on_train_epoch_end=True, enable_version_counter=False
     )
-    all_callbacks: list[Callback] = [curves, best_ckpt, last, StopOnSignal(), *(callbacks or [])]
+    from cnnops.epoch_images import EpochImages
+
+    all_callbacks: list[Callback] = [
+        curves,
+        best_ckpt,
+        last,
+        StopOnSignal(),
+        EpochImages(tracker),
+        *(callbacks or []),
+    ]
     if t.early_stopping.enabled:
         stopper = EarlyStopping(
             monitor=monitor,

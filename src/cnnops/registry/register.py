@@ -16,6 +16,7 @@ from cnnops.errors import DataError
 from cnnops.registry.model import (
     ImageClassifier,
     check_images,
+    expected_input,
     image_shape,
     requirements,
     signature,
@@ -133,14 +134,14 @@ def _log_model(candidate: Candidate, model: Classifier, example: np.ndarray) -> 
         "classes": list(hp["classes"]),
         "mean": list(hp["mean"]),
         "std": list(hp["std"]),
-        "input": "raw uint8 images (N, C, H, W)",
+        "input": expected_input(image_shape(model)),
         "output": "class probabilities (N, K)",
     }
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=ImageClassifier(),
         artifacts={"checkpoint": str(candidate.checkpoint)},
-        signature=signature(image_shape(model), len(hp["classes"])),
+        signature=signature(len(hp["classes"])),
         input_example=example,
         pip_requirements=requirements(),
         metadata=metadata,
@@ -158,6 +159,7 @@ def register(config: Config) -> dict[str, Any]:
     """
     from mlflow.exceptions import MlflowException
 
+    from cnnops import tracking
     from cnnops.data import prepare
 
     paths, name = config.paths, config.registry.model_name
@@ -173,11 +175,11 @@ def register(config: Config) -> dict[str, Any]:
     run_id = _existing_run(client, candidate) or _provenance_run(
         config, candidate, model, provenance
     )
-    with mlflow.start_run(run_id=run_id):
-        info = _log_model(candidate, model, example)
-    version = mlflow.register_model(
-        info.model_uri, name, tags=_version_tags(config, candidate, model, run_id, provenance)
-    )
+    tags = _version_tags(config, candidate, model, run_id, provenance)
+    with tracking.fluent(config.mlflow):
+        with mlflow.start_run(run_id=run_id):
+            info = _log_model(candidate, model, example)
+        version = mlflow.register_model(info.model_uri, name, tags=tags)
     try:
         previous = version_by_alias(client, name, CHAMPION)
         client.set_registered_model_alias(name, CHALLENGER, version.version)

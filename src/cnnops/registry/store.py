@@ -21,15 +21,11 @@ ORIGIN_RUN_ID = "cnnops.origin_run_id"  # the run that trained it, maybe in anot
 
 def connect(cfg: Mlflow) -> MlflowClient:
     """A client on the configured registry, once it has answered (fails fast, no retries)."""
-    import mlflow
-
     from cnnops import tracking
 
     uri = tracking.tracking_uri(cfg)
     if uri.startswith(("http://", "https://")):
         _check_health(uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     try:
         client = tracking.client(cfg)
         client.search_registered_models(max_results=1)
@@ -109,7 +105,10 @@ def verified_model(client: MlflowClient, name: str, version: ModelVersion) -> Pa
             f"{where} has no {CHECKPOINT_SHA256} tag, so its checkpoint cannot be verified; "
             "register it again with `cnnops register`"
         )
-    local = Path(download_artifacts(artifact_uri=f"models:/{name}/{version.version}"))
+    # cnnops's clients use one URI for runs and the registry (`tracking.client`).
+    uri = client.tracking_uri
+    found_at = f"models:/{name}/{version.version}"
+    local = Path(download_artifacts(artifact_uri=found_at, tracking_uri=uri, registry_uri=uri))
     try:
         relative = Model.load(local).flavors["python_function"]["artifacts"]["checkpoint"]["path"]
     except Exception:  # no MLmodel, or not ours: either way there is no checkpoint to trust
