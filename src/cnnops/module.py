@@ -250,7 +250,8 @@ class Classifier(L.LightningModule):
         # L2 acts on weights only: decaying biases and batch-norm scales fights normalization.
         # A pretrained backbone learns at lr * backbone_lr_mult; the head (first: the lr logged)
         # at lr. Frozen parameters are in their groups too: they get no gradient until freed.
-        base_lr = opt.lr * lr_scale(opt.lr_scaling, self.trainer.world_size)
+        world = self._trainer.world_size if self._trainer is not None else 1  # built alone: 1
+        base_lr = opt.lr * lr_scale(opt.lr_scaling, world)
         groups = []
         for head in (True, False):
             params = [p for n, p in self.net.named_parameters() if self.is_head(n) == head]
