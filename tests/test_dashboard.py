@@ -283,3 +283,18 @@ def test_cnnops_dashboard_without_a_study_says_what_to_run(tmp_path: Path) -> No
     result = cnnops("dashboard", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().endswith("no study yet (tune.storage); run `cnnops tune` first")
+
+
+def test_cnnops_dashboard_makes_no_sqlite_storage_where_there_is_none(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import optuna_dashboard
+    from typer.testing import CliRunner
+
+    from cnnops.cli import app
+
+    monkeypatch.setattr(optuna_dashboard, "run_server", lambda *_, **__: print("served"))
+    result = CliRunner().invoke(app, ["dashboard", "--set", "tune.storage=sqlite:///studies.db"])
+    assert result.exit_code == 2 and "served" not in result.stdout
+    assert result.stderr.strip().endswith("no study yet (tune.storage); run `cnnops tune` first")
+    assert not (workdir / "studies.db").exists()

@@ -110,36 +110,34 @@ def running_in_group(pgid: int) -> list[int]:
     return found
 
 
+DDP_STUDY = [
+    "train.accelerator=cpu",
+    "train.devices=2",
+    "train.strategy=ddp",
+    "train.max_epochs=3",
+    "train.early_stopping.enabled=false",
+    "model.conv=[{filters: 8}]",
+    "model.fc=[16]",
+    "tune.n_trials=4",
+    "tune.pruner.startup_trials=1",
+    "tune.pruner.warmup_epochs=0",
+    "tune.sampler.startup_trials=2",
+    "tune.space.lr=[0.00001, 0.03]",
+]
+
+
 def test_a_study_of_two_process_ddp_trials_prunes_and_records_each_trial_once(
     workdir: Path,
 ) -> None:
-    import optuna
-
-    from cnnops import studies, tracking
+    from cnnops import tracking
     from cnnops.config import load_config
 
     cnnops("fetch", check=True)
     cnnops("prepare", check=True)
-    overrides = [
-        "train.accelerator=cpu",
-        "train.devices=2",
-        "train.strategy=ddp",
-        "train.max_epochs=3",
-        "train.early_stopping.enabled=false",
-        "model.conv=[{filters: 8}]",
-        "model.fc=[16]",
-        "tune.n_trials=4",
-        "tune.pruner.startup_trials=1",
-        "tune.pruner.warmup_epochs=0",
-        "tune.sampler.startup_trials=2",
-        "tune.space.lr=[0.00001, 0.03]",
-    ]
+    overrides = DDP_STUDY
     cnnops("tune", *set_args(*overrides), check=True)
     config = load_config(Path("params.yaml"), overrides)
-    storage = studies.open_storage(studies.storage_url(config), print)
-    study = optuna.load_study(
-        study_name=studies.study_name(config, config.paths.prepared), storage=storage
-    )
+    study = _study(overrides)
     trials = study.trials
     states = [t.state.name for t in trials]
     assert len(trials) == 4 and set(states) <= {"COMPLETE", "PRUNED"}, states
@@ -159,3 +157,59 @@ def _read(path: Path) -> bytes:
         return path.read_bytes()
     except OSError:
         return b""
+
+
+def test_a_ddp_rank_that_dies_stops_its_worker_at_once_and_the_rerun_finishes(
+    workdir: Path,
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import BIN
+
+    cnnops("fetch", check=True)
+    cnnops("prepare", check=True)
+    overrides = [*DDP_STUDY, "train.max_epochs=6"]
+    sets = set_args(*overrides)
+    proc = subprocess.Popen(
+        [str(BIN / "cnnops"), "tune", *sets],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not list(Path("models/optuna").rglob("last.ckpt")):
+        time.sleep(0.2)  # a trial is under way on both ranks
+    followers = [
+        int(p.parent.name)
+        for p in Path("/proc").glob("[0-9]*/cmdline")
+        if b"cnnops.ddp_trials" in _read(p) and int(p.parent.name) in running_in_group(proc.pid)
+    ]
+    assert len(followers) == 1
+    os.kill(followers[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)  # not the process group's half-hour timeout
+    assert proc.returncode != 0, err
+    assert "rank 1 of this worker's DDP group exited with status -9; the worker stops" in err
+    assert "Traceback" not in err
+    assert not running_in_group(proc.pid)
+    cnnops("tune", *sets, check=True)  # the trial that was running is recovered and finished
+    study = _study(overrides)
+    states = [t.state.name for t in study.trials]
+    assert states.count("FAIL") == 1 and len(states) == 5, states
+    retried = [t for t in study.trials if t.system_attrs.get("retry_history")]
+    assert len(retried) == 1 and retried[0].state.name in ("COMPLETE", "PRUNED")
+
+
+def _study(overrides: list[str]):  # noqa: ANN202 - an optuna Study
+    import optuna
+
+    from cnnops import studies
+    from cnnops.config import load_config
+
+    config = load_config(Path("params.yaml"), overrides)
+    storage = studies.open_storage(studies.storage_url(config), print)
+    name = studies.study_name(config, config.paths.prepared)
+    return optuna.load_study(study_name=name, storage=storage)

@@ -168,3 +168,31 @@ def test_stages_end_where_the_resolution_drops_and_saliency_skips_one_pixel_maps
     assert list(stage_ends(seen, by_resolution=True)) == ["b", "d", "e"]
     assert list(stage_ends(seen, by_resolution=False)) == list("abcde")
     assert saliency_block(stage_ends(seen, by_resolution=True)) == "d"
+
+
+def test_evaluate_replaces_its_own_pictures_and_keeps_what_else_is_in_the_folder(
+    tmp_path: Path,
+) -> None:
+    from types import SimpleNamespace
+
+    from cnnops.data.prepare import Prepared
+    from cnnops.evaluate import _insight
+
+    module = classifier(spec("seed_cnn"), 1, 8).eval()
+    x, _ = images(6, 1, 8)
+    with torch.no_grad():
+        pred = module(x).argmax(1).numpy()
+    y = (pred + 1) % CLASSES  # every image misclassified
+    split = {"train": x.numpy(), "val": x.numpy(), "test": x.numpy()}
+    data = Prepared(split, {k: y for k in split}, NAMES, [0.5], [0.25])
+    folder = tmp_path / "insight"
+    folder.mkdir()
+    (folder / "notes.md").write_text("mine")
+    (folder / "zz_seen-inputs.png").write_bytes(b"mine")
+    (folder / "gradcam_correct.png").write_bytes(b"an earlier model's")
+    model = SimpleNamespace(unwrap_python_model=lambda: SimpleNamespace(model=module))
+    paths = _insight(model, data, pred, folder)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["notes.md", "zz_seen-inputs.png", *(p.name for p in paths.values())]
+    )
+    assert (folder / "zz_seen-inputs.png").read_bytes() == b"mine"

@@ -93,6 +93,19 @@ def test_a_rise_of_a_few_thousandths_near_zero_loss_is_noise_not_a_turn() -> Non
     assert fit_verdict(rows).kind == "good fit"
 
 
+def test_a_turn_from_a_validation_loss_rounded_to_zero_is_still_reported() -> None:
+    # The curves CSV keeps 6 decimals: a separable validation split can log a loss of 0.0.
+    rows = curves(
+        [0.5, 0.01, 0.001, 0.0005, 0.0001],
+        [0.4, 0.0, 0.05, 0.08, 0.1],
+        [0.9, 1.0, 1.0, 1.0, 1.0],
+        [0.9, 1.0, 0.99, 0.99, 0.98],
+    )
+    verdict = fit_verdict(rows)
+    assert (verdict.kind, verdict.turn_epoch) == ("overfitting", 2)
+    assert "from its lowest, 0, it rose to 0.07667" in verdict.reason
+
+
 def test_a_wide_accuracy_gap_is_overfitting_even_before_validation_loss_turns() -> None:
     rows = curves(
         [1.0, 0.4, 0.1, 0.02], [1.1, 0.8, 0.7, 0.65], [0.7, 0.9, 0.99, 1.0], [0.6, 0.72, 0.78, 0.8]
@@ -268,3 +281,27 @@ def test_bad_input_is_one_line_naming_the_culprit_and_exit_2(
     assert result.stderr.startswith(f"cnnops report: error: {culprit}")
     assert len(result.stderr.strip().splitlines()) == 1
     assert list((workdir / "reports").iterdir()) == []
+
+
+def test_a_report_before_any_study_creates_no_sqlite_study_storage(workdir: Path) -> None:
+    result = CliRunner().invoke(app, ["report", "--set", "tune.storage=sqlite:///studies.db"])
+    assert result.exit_code == 0, result.output
+    assert "Tuning study" in json.loads(result.stdout)["not_run"]
+    assert not (workdir / "studies.db").exists()
+
+
+def test_a_password_in_the_tracking_uri_never_reaches_the_report(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: the registry is unreachable
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://ana:s3cret-pw@127.0.0.1:{port}")
+    result = CliRunner().invoke(app, ["report"])
+    assert result.exit_code == 0, result.output
+    markdown = (workdir / "reports/report.md").read_text()
+    assert "could not be read" in markdown and "ana:***@" in markdown
+    for text in (markdown, (workdir / "reports/report.html").read_text(), result.output):
+        assert "s3cret-pw" not in text

@@ -120,6 +120,51 @@ def test_ddp_workers_get_a_group_of_gpus_each(monkeypatch: pytest.MonkeyPatch) -
         assert os.environ["CUDA_VISIBLE_DEVICES"] == group
 
 
+class FakeRank:
+    """A follower process that never joins: it only records how it was ended."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self.ended: list[str] = []
+
+    def kill(self) -> None:
+        self.ended.append("kill")
+
+    def terminate(self) -> None:
+        self.ended.append("terminate")
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.ended.append("wait")
+        return -9
+
+
+def test_a_ddp_group_that_cannot_form_leaves_no_rank_env_or_job_file_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    from cnnops import ddp_trials
+
+    names = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "RANK", "LOCAL_RANK")
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    started: list[FakeRank] = []
+    monkeypatch.setattr(
+        ddp_trials.subprocess, "Popen", lambda *a, **k: started.append(FakeRank()) or started[-1]
+    )
+
+    def no_rendezvous(*_: object) -> None:
+        raise RuntimeError("the other ranks never came")
+
+    monkeypatch.setattr(ddp_trials, "_join_group", no_rendezvous)
+    job = tune.Job(config("train.accelerator=cpu"), "study", str(tmp_path / "journal"))
+    with pytest.raises(RuntimeError, match="never came"):
+        ddp_trials.Ranks(job, 3)
+    assert not set(names) & set(os.environ)  # a later Trainer here launches its own ranks
+    assert list(tmp_path.iterdir()) == []  # the pickled config is gone
+    assert len(started) == 2 and all(p.ended and p.ended[-1] == "wait" for p in started)
+
+
 def test_a_new_study_starts_from_the_configured_values(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

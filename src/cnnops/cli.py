@@ -328,11 +328,11 @@ def dashboard(
     from optuna_dashboard import run_server
 
     from cnnops.errors import DataError
-    from cnnops.studies import is_rdb, open_storage, storage_url
+    from cnnops.studies import open_storage, storage_exists, storage_url
     from cnnops.team import mask
 
     url = storage_url(_config(params, set_))
-    if not is_rdb(url) and not Path(url).is_file():
+    if not storage_exists(url):
         raise DataError(f"{url}: no study yet (tune.storage); run `cnnops tune` first")
     typer.echo(f"optuna-dashboard on {mask(url)}: http://{host}:{port}")
     run_server(open_storage(url, on_stale=lambda *_: None), host=host, port=port)

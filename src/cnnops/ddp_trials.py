@@ -20,6 +20,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -119,44 +121,97 @@ class Ranks:
         env.update(RANK="0", LOCAL_RANK="0")
         self.saved_env = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
-        # The job crosses as a pickle in a private file: it holds the whole config.
-        fd, name = tempfile.mkstemp(prefix="cnnops-ddp-", suffix=".pkl")
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(job, f)
-        self.job_file = Path(name)
-        self.procs = [
-            subprocess.Popen(
-                [sys.executable, "-m", "cnnops.ddp_trials", name],
-                env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r)},
-            )
-            for r in range(1, size)
-        ]
-        self.control = _join_group(0, size, cuda)
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.job_file: Path | None = None
+        self.closing = False
+        try:
+            # The job crosses as a pickle in a private file: it holds the whole config.
+            fd, name = tempfile.mkstemp(prefix="cnnops-ddp-", suffix=".pkl")
+            self.job_file = Path(name)
+            with os.fdopen(fd, "wb") as f:
+                pickle.dump(job, f)
+            for r in range(1, size):
+                self.procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "cnnops.ddp_trials", name],
+                        env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r)},
+                    )
+                )
+            self.control = _join_group(0, size, cuda)
+            threading.Thread(target=self._watch, daemon=True, name="ddp-ranks").start()
+        except BaseException:  # no group: the ranks started go, and so do the env and the job
+            import torch.distributed as dist
+
+            for p in self.procs:
+                p.kill()
+            self._release(wait_s=10)
+            if dist.is_initialized():  # joined, but its control group failed
+                dist.destroy_process_group()
+            raise
 
     def send(self, task: Task | None) -> None:
         import torch.distributed as dist
 
         dist.broadcast_object_list([task], src=0, group=self.control)
 
-    def close(self) -> None:
-        """Tell the other ranks there is no more work, and wait for them to leave."""
+    def close(self, failed: bool = False) -> None:
+        """Tell the other ranks there is no more work, and wait for them to leave. After a
+        failure they may be waiting inside a trial, where no message reaches them: they go."""
         import torch.distributed as dist
 
+        self.closing = True
         try:
-            self.send(None)
-        finally:
-            for p in self.procs:
-                try:
-                    p.wait(timeout=60)
-                except subprocess.TimeoutExpired:
+            if failed:
+                for p in self.procs:
                     p.kill()
-            self.job_file.unlink(missing_ok=True)
+            else:
+                self.send(None)
+        finally:
+            self._release(wait_s=60)
             dist.destroy_process_group()
-            for k, v in self.saved_env.items():  # later Trainers here launch their own ranks
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+
+    def failure(self) -> str | None:
+        """What ended another rank, if one has ended (the line the watchdog prints)."""
+        for rank, p in enumerate(self.procs, start=1):
+            try:
+                code = p.wait(timeout=2)  # a rank that broke the group is gone, or soon is
+            except subprocess.TimeoutExpired:
+                continue
+            return (
+                f"rank {rank} of this worker's DDP group exited with status {code}; "
+                "the worker stops (rerun `cnnops tune` to resume its trial)"
+            )
+        return None
+
+    def _watch(self) -> None:
+        """A rank that dies leaves the others waiting in a collective for the group's timeout
+        (tens of minutes): this worker stops at once instead. Its trial stays RUNNING and is
+        recovered, from its last checkpoint, when `cnnops tune` runs again."""
+        while not self.closing:
+            for p in self.procs:
+                code = p.poll()
+                # A signal to the whole group stops every rank in step: that is no failure.
+                if code is not None and not self.closing and runs.pending_signal() is None:
+                    print(f"cnnops tune: {self.failure()}", file=sys.stderr, flush=True)
+                    os._exit(1)
+            time.sleep(0.5)
+
+    def _release(self, wait_s: float) -> None:
+        """Wait up to `wait_s` for each other rank (then kill it), delete the job file and put
+        back the environment this process had."""
+        for p in self.procs:
+            try:
+                p.wait(timeout=wait_s)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if self.job_file is not None:
+            self.job_file.unlink(missing_ok=True)
+        for k, v in self.saved_env.items():  # later Trainers here launch their own ranks
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _free_port() -> int:

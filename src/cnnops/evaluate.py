@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -90,13 +89,14 @@ def _insight(
     model: Any, data: prepare.Prepared, y_pred: np.ndarray, folder: Path
 ) -> dict[str, Path]:
     """What the model learned (`cnnops.insight`), seen on test images, the misclassified first.
-    `folder` is the stage's own, rewritten whole: no picture of an earlier model stays in it."""
-    from cnnops.insight import explain
+    No picture of an earlier model stays in `folder`; files of anyone else's do."""
+    from cnnops.insight import PICTURES, explain
 
     x, y = data.x["test"], data.y["test"]
     order = np.concatenate([np.flatnonzero(y_pred != y), np.flatnonzero(y_pred == y)])
     picked = order[:INSIGHT_IMAGES]
-    shutil.rmtree(folder, ignore_errors=True)
+    for name in PICTURES:
+        (folder / name).unlink(missing_ok=True)
     return explain(model.unwrap_python_model().model, x[picked], y[picked], data.classes, folder)
 
 

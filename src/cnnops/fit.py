@@ -107,9 +107,11 @@ def _turn(scored: list[dict[str, Any]], best: dict[str, Any]) -> str | None:
     falling = after[-1]["train_loss"] < best["train_loss"]
     if not falling or rise < max(TURN_RISE * best["val_loss"], TURN_MIN_RISE):
         return None
+    # A lowest loss of 0 (the curves keep 6 decimals) has no relative rise.
+    relative = f" (+{rise / best['val_loss']:.0%})" if best["val_loss"] > 0 else ""
     return (
         f"validation loss turned after epoch {int(best['epoch'])}: from its lowest, "
-        f"{best['val_loss']:.4g}, it rose to {end:.4g} (+{rise / best['val_loss']:.0%}) over "
+        f"{best['val_loss']:.4g}, it rose to {end:.4g}{relative} over "
         f"the last {len(tail)} epoch(s) while training loss kept falling, "
         f"{best['train_loss']:.4g} to {after[-1]['train_loss']:.4g}"
     )

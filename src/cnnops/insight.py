@@ -33,6 +33,13 @@ FEATURE_ROWS = 4
 """How many images the feature maps are drawn for."""
 GRADCAM_COLUMNS = 8
 """How many images Grad-CAM is drawn for."""
+PICTURES = (
+    "first_layer_kernels.png",
+    "feature_maps_per_block.png",
+    "gradcam_misclassified.png",
+    "gradcam_correct.png",
+)
+"""Every file `explain` may write: a caller clearing an earlier model's pictures removes these."""
 
 
 class Trained(Protocol):

@@ -169,7 +169,7 @@ def open_study(config: Config) -> tuple[optuna.Study | None, Note]:
     from cnnops.tracking import first_line
 
     url = studies.storage_url(config)
-    if not studies.is_rdb(url) and not Path(url).is_file():
+    if not studies.storage_exists(url):
         return None, NotRun(f"no study storage at `{url}`; run `cnnops tune`.")
     name = (read_json(config.paths.reports / "tune" / "tune.json") or {}).get("study")
     try:

@@ -45,6 +45,14 @@ def is_rdb(url: str) -> bool:
     return "://" in url
 
 
+def storage_exists(url: str) -> bool:
+    """Whether there is a study storage at `url` to read (a server is taken to be there):
+    opening a SQLite URL or a journal path that is not would create it."""
+    if url.startswith("sqlite:///"):
+        return Path(url.removeprefix("sqlite:///")).is_file()
+    return is_rdb(url) or Path(url).is_file()
+
+
 def data_hash(prepared: Path) -> str:
     """Hash of the prepared split files, so a new split starts a new study."""
     digest = hashlib.sha256()

@@ -288,12 +288,15 @@ def run_trial(
             shutil.rmtree(trial_dir(job, trial.number), ignore_errors=True)
             return
         except Exception:
-            traceback.print_exc()
+            death = ranks.failure() if ranks is not None else None
+            if death is None:
+                traceback.print_exc()
             study.tell(trial, state=TrialState.FAIL)
+            if death is not None:  # not the trial's fault: it runs again, from its checkpoint
+                on_stale(job.config)(study, study.trials[trial.number])
             if ranks is not None:
-                raise CnnopsError(
-                    f"trial {trial.number} failed on rank 0 of its DDP group"
-                ) from None
+                error = death or f"trial {trial.number} failed on rank 0 of its DDP group"
+                raise CnnopsError(error) from None
             return
         except BaseException:  # a signal: the trial runs again, from its last checkpoint
             with runs.deferred_signals(raise_after=False):
@@ -319,6 +322,7 @@ def run_worker(job: Job, on_trial: Callable[[optuna.Study], None] | None = None)
     study = open_study(job)
     prepared = prepare.load(job.config.paths.prepared)
     ranks = Ranks(job, size) if size > 1 else None
+    finished = False
     try:
         while (trial := _next_trial(study, job)) is not False:
             if trial is None:
@@ -328,9 +332,10 @@ def run_worker(job: Job, on_trial: Callable[[optuna.Study], None] | None = None)
             _log(study, trial.number, job)  # type: ignore[union-attr]
             if on_trial:
                 on_trial(study)
+        finished = True
     finally:
         if ranks is not None:
-            ranks.close()
+            ranks.close(failed=not finished)
 
 
 def _log(study: optuna.Study, number: int, job: Job) -> None:

@@ -22,6 +22,7 @@ ORIGIN_RUN_ID = "cnnops.origin_run_id"  # the run that trained it, maybe in anot
 def connect(cfg: Mlflow) -> MlflowClient:
     """A client on the configured registry, once it has answered (fails fast, no retries)."""
     from cnnops import tracking
+    from cnnops.team import mask
 
     uri = tracking.tracking_uri(cfg)
     if uri.startswith(("http://", "https://")):
@@ -30,12 +31,16 @@ def connect(cfg: Mlflow) -> MlflowClient:
         client = tracking.client(cfg)
         client.search_registered_models(max_results=1)
     except Exception as e:  # any backend failure here means: not usable as a registry
-        raise RegistryError(f"model registry at {uri} is unusable: {_first_line(e)}") from None
+        raise RegistryError(
+            mask(f"model registry at {uri} is unusable: {_first_line(e)}")
+        ) from None
     return client
 
 
 def _check_health(uri: str) -> None:
     import urllib.request
+
+    from cnnops.team import mask
 
     # MLflow's REST client retries for minutes; one short probe gives the user an answer now.
     try:
@@ -43,8 +48,8 @@ def _check_health(uri: str) -> None:
             response.read()
     except OSError as e:
         raise RegistryError(
-            f"model registry at {uri} is unreachable ({e}); start the MLflow server or point "
-            "mlflow.tracking_uri / MLFLOW_TRACKING_URI at a running one"
+            f"model registry at {mask(uri)} is unreachable ({mask(str(e))}); start the MLflow "
+            "server or point mlflow.tracking_uri / MLFLOW_TRACKING_URI at a running one"
         ) from None
 
 
