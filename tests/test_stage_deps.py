@@ -25,6 +25,8 @@ NOT_TRAINING = {
     "cnnops.data.sources",
     "cnnops.data.images",
     "cnnops.team",  # masks passwords in messages: nothing a model depends on
+    "cnnops.progress",  # progress bars on a terminal
+    "cnnops.epoch_images",  # per-epoch pictures for MLflow, drawn in eval mode without grad
 }
 
 

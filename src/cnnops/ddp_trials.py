@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy
 
 from cnnops import runs
 from cnnops.config import Config
@@ -51,20 +50,6 @@ def world_size(config: Config) -> int:
             "devices each trial trains on (1 to the devices here)"
         )
     return t.devices
-
-
-class SameStreamDDP(DDPStrategy):
-    """Lightning's DDP, with the model wrapped on the stream its steps run on. Lightning wraps
-    it on a side stream; the gradient accumulators DDP keeps then belong to that stream, and
-    every backward pass synchronizes across the two (PyTorch warns of the mismatch on every
-    rank). On 4 H100s the throughput of ResNet-50 was the same either way (2.93x against
-    2.87x one GPU's); the warning and the extra waits are gone."""
-
-    def _setup_model(self, model: Any) -> Any:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = self.determine_ddp_device_ids()
-        return DistributedDataParallel(module=model, device_ids=ids, **self._ddp_kwargs)
 
 
 class Pruning(Callback):

@@ -71,9 +71,12 @@ def fixed_subset(trainer: L.Trainer, size: int) -> tuple[np.ndarray, np.ndarray,
 
 def predict(trainer: L.Trainer, module: L.LightningModule, x: np.ndarray) -> np.ndarray:
     """Predicted classes of uint8 images, in the precision validation ran in."""
-    batch = torch.from_numpy(x).to(module.device)
+    out = []
     with torch.inference_mode(), trainer.precision_plugin.forward_context():
-        return module(batch).argmax(1).cpu().numpy()
+        for start in range(0, len(x), 128):  # memory bounded for a large network at 224 px
+            batch = torch.from_numpy(x[start : start + 128]).to(module.device)
+            out.append(module(batch).argmax(1).cpu())
+    return torch.cat(out).numpy()
 
 
 def _font(size: int = 12) -> Any:

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -176,11 +177,23 @@ def build_module(config: Config, prepared: Prepared, pretrained: bool = True) ->
     return module
 
 
+class SameStreamDDP(DDPStrategy):
+    """Lightning's DDP, with the model wrapped on the stream its steps run on. Lightning wraps
+    it on a side stream; the gradient accumulators DDP keeps then belong to that stream, and
+    every backward pass synchronizes across the two (PyTorch warns of the mismatch on every
+    rank). On 4 H100s the throughput of ResNet-50 was the same either way (2.93x against
+    2.87x one GPU's); the warning and the extra waits are gone."""
+
+    def _setup_model(self, model: Any) -> Any:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = self.determine_ddp_device_ids()
+        return DistributedDataParallel(module=model, device_ids=ids, **self._ddp_kwargs)
+
+
 def _strategy(t: Train) -> Any:
     if t.strategy != "ddp":
         return t.strategy
-    from cnnops.ddp_trials import SameStreamDDP
-
     # Gradients are views into DDP's all-reduce buckets: no copy into the buckets per step.
     return SameStreamDDP(gradient_as_bucket_view=True)
 
