@@ -24,7 +24,7 @@ from playwright.sync_api import Page, expect
 
 from cnnops import registry, tracking
 from cnnops.config import Config, load_config
-from tests.browser import browser, page, screenshot  # noqa: F401  # fixtures
+from tests.browser import screenshot
 from tests.conftest import BIN, ROOT, cnnops
 from tests.mlflow_server import free_port, mlflow_server, running
 from tests.test_registry import prepared

@@ -170,3 +170,20 @@ def test_the_server_answers_a_wrong_input_with_the_model_s_own_message(
     status, body = post(served, {"inputs": x.tolist()})
     assert status == 200
     assert np.allclose(np.array(body["predictions"]), model.predict(x), atol=1e-6)
+
+
+def test_the_model_is_verified_in_the_clients_store_whatever_mlflow_points_at(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+
+    from cnnops.registry.store import verified_model
+
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    version = client.get_model_version("digits", "1")
+    elsewhere = f"sqlite:///{tmp_path / 'other.db'}"  # a store without the model
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
+    assert (verified_model(client, "digits", version) / "MLmodel").is_file()
+    assert mlflow.get_tracking_uri() == mlflow.get_registry_uri() == elsewhere  # put back

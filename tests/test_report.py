@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from cnnops.cli import app
 from cnnops.config import load_config
 from cnnops.fit import fit_verdict
-from tests.browser import browser, page, screenshot  # noqa: F401  # fixtures
+from tests.browser import screenshot
 from tests.conftest import ROOT, set_params
 
 SECTIONS = [
@@ -159,7 +159,6 @@ def report_in(folder: Path) -> dict[str, Any]:
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """fetch → prepare → train → tune → register → evaluate → promote on tiny, overfitting
     settings, then `cnnops report`, as a user runs them."""
-    import mlflow
 
     from cnnops import registry, reports
     from cnnops.data.prepare import load, prepare
@@ -175,8 +174,6 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)
         mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
         config = load_config(folder / "params.yaml")
         fetch(config.fetch, config.paths.raw)
         prepare(config, config.paths.raw, config.paths.prepared, config.paths.reports / "data.json")

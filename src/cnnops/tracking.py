@@ -199,13 +199,18 @@ def client(cfg: Mlflow) -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri(cfg), registry_uri=tracking_uri(cfg))
 
 
-@contextlib.contextmanager
-def fluent(cfg: Mlflow) -> Iterator[None]:
+def fluent(cfg: Mlflow) -> contextlib.AbstractContextManager[None]:
     """MLflow's fluent API (`mlflow.start_run`, `log_model`, `register_model`), which takes no
     URI, on the project's store for the block; what the process had before comes back after."""
+    return scoped(tracking_uri(cfg))
+
+
+@contextlib.contextmanager
+def scoped(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking and registry URI set to `uri` for the block, then put back.
+    Also for calls that take a URI but resolve `models:/` with the process-wide registry."""
     import mlflow
 
-    uri = tracking_uri(cfg)
     names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
     saved = {k: os.environ.get(k) for k in names}
     os.environ.update(dict.fromkeys(names, uri))

@@ -102,6 +102,7 @@ def verified_model(client: MlflowClient, name: str, version: ModelVersion) -> Pa
     from mlflow.models import Model
 
     from cnnops.checkpoints import sha256_file
+    from cnnops.tracking import scoped
 
     where = f"{name} version {version.version}"
     expected = version.tags.get(CHECKPOINT_SHA256)
@@ -110,10 +111,10 @@ def verified_model(client: MlflowClient, name: str, version: ModelVersion) -> Pa
             f"{where} has no {CHECKPOINT_SHA256} tag, so its checkpoint cannot be verified; "
             "register it again with `cnnops register`"
         )
-    # cnnops's clients use one URI for runs and the registry (`tracking.client`).
-    uri = client.tracking_uri
-    found_at = f"models:/{name}/{version.version}"
-    local = Path(download_artifacts(artifact_uri=found_at, tracking_uri=uri, registry_uri=uri))
+    # MLflow resolves a models:/ URI with the process-wide registry URI, whatever URI it is
+    # given: scoped to the project's store (cnnops's clients use one URI for runs and registry).
+    with scoped(client.tracking_uri):
+        local = Path(download_artifacts(artifact_uri=f"models:/{name}/{version.version}"))
     try:
         relative = Model.load(local).flavors["python_function"]["artifacts"]["checkpoint"]["path"]
     except Exception:  # no MLmodel, or not ours: either way there is no checkpoint to trust
