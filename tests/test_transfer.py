@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cnnops import tracking
 from cnnops.data.demo import colour_digits
 from tests.conftest import BIN, ROOT, cnnops, set_args, set_params
 from tests.mlflow_server import free_port, running
@@ -153,10 +154,10 @@ def test_the_transfer_variant_goes_the_whole_way(
     assert promotion["promoted"] is True
     assert (variant / "models/champion.onnx").stat().st_size > 1_000_000  # MobileNetV2's weights
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{variant / 'mlflow.db'}")
     x = np.load(variant / "data/prepared/test_x.npy")[:16]
     assert x.dtype == np.uint8 and x.shape[1:] == (3, 64, 64)
-    local = mlflow.pyfunc.load_model("models:/cnnops-transfer@champion").predict(x)
+    with tracking.scoped(f"sqlite:///{variant / 'mlflow.db'}"):  # as a consumer points MLflow
+        local = mlflow.pyfunc.load_model("models:/cnnops-transfer@champion").predict(x)
     assert local.shape == (16, 10) and np.allclose(local.sum(axis=1), 1.0, atol=1e-5)
 
     port = free_port()
