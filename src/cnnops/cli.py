@@ -111,15 +111,27 @@ def prepare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> Non
 def train(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Train the CNN; checkpoints to paths.models/train, metrics to reports/train.json."""
     from cnnops.runs import rank_zero
+    from cnnops.timings import phase
 
-    config = _config(params, set_)
+    with phase("config"):
+        config = _config(params, set_)
+    mlflow = None
     if rank_zero():  # a dead tracking server: one line now, before the heavy imports
         from cnnops.tracking import check_reachable
 
         check_reachable(config.mlflow)
-    from cnnops.train import train_stage
+        if "mlflow" not in sys.modules:  # MLflow warms up in a process of its own meanwhile
+            from cnnops.tracker_process import TrackerProcess
 
-    metrics = train_stage(config)
+            mlflow = TrackerProcess(config.mlflow)
+    try:
+        with phase("import"):
+            from cnnops.train import train_stage
+
+        metrics = train_stage(config, mlflow)
+    finally:
+        if mlflow is not None:
+            mlflow.shutdown()
     if rank_zero():  # under DDP every rank runs this command; one answer is enough
         _print(metrics)
 
@@ -434,7 +446,3 @@ def retrain(
     )
     if outcome.exit_code:
         raise typer.Exit(outcome.exit_code)
-
-
-def main() -> None:
-    app(sys.argv[1:])

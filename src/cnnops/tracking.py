@@ -304,9 +304,10 @@ class MlflowTracker:
         parent_run_id: str | None = None,
         tags: dict[str, str] | None = None,
         run_id: str | None = None,
+        mlflow_client: MlflowClient | None = None,
     ) -> None:
         self.cfg = cfg
-        self.client = client(cfg)
+        self.client = mlflow_client or client(cfg)
         self._pending: list[Any] = []
         self._sender: Any = None
         self._backlog: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
@@ -423,6 +424,12 @@ class MlflowTracker:
         self._pending.clear()
 
     def close(self, status: str = "FINISHED") -> None:
+        from cnnops.timings import phase
+
+        with phase("mlflow: close"):
+            self._close(status)
+
+    def _close(self, status: str) -> None:
         self.flush()
         if self._sender is not None:
             self._sender.shutdown()

@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -27,7 +27,11 @@ from cnnops.data.prepare import Prepared
 from cnnops.errors import ConfigError
 from cnnops.module import Classifier
 from cnnops.runs import rank_zero
+from cnnops.timings import phase
 from cnnops.tracking import NullTracker, Tracker
+
+if TYPE_CHECKING:
+    from cnnops.tracker_process import TrackerProcess
 
 CURVE_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc")
 
@@ -313,49 +317,52 @@ def train(
             min_delta=t.early_stopping.min_delta,
         )
         all_callbacks.append(stopper)
-    trainer = L.Trainer(
-        max_epochs=t.max_epochs,
-        accelerator=t.accelerator,
-        devices=t.devices,
-        strategy=_strategy(t),
-        sync_batchnorm=t.sync_batchnorm,
-        precision=_precision(t.precision),
-        deterministic=t.deterministic,
-        logger=False,
-        callbacks=all_callbacks,
-        plugins=[AtomicCheckpointIO()],
-        default_root_dir=out_dir,
-        num_sanity_val_steps=0,
-        enable_progress_bar=sys.stderr.isatty(),
-        enable_model_summary=False,
-        # cuDNN autotuning costs seconds of warm-up that small networks never earn back.
-        benchmark=False,
-    )
-    trainer._signal_connector = QuietSignalConnector(trainer)
-    # A setting that cannot apply fails before any output goes.
-    graphs = use_cuda_graphs(t, trainer, getattr(config.model, "unfreeze_epoch", None))
-    check_placement(t.data_placement, trainer.strategy.root_device.type)
-    module = build_module(config, prepared, pretrained=resume is None)
-    if t.channels_last and torch.cuda.is_available() and t.accelerator != "cpu":
-        module = module.to(memory_format=torch.channels_last)  # NHWC convolutions on tensor cores
-    if t.compile:
-        module.net.compile()  # in place: checkpoint keys stay those of the plain module
-    module.gpu_augment = batched_engine(config, prepared)
-    if graphs:
-        module.capture_train_step()
-    workers_augment = config.augment if module.gpu_augment is None else None
-    data = ImageData(
-        prepared,
-        t.batch_size,
-        t.seed,
-        eval_batch_size=config.evaluate.batch_size,
-        augment=workers_augment,
-        num_workers=t.num_workers,
-        placement=t.data_placement,
-    )
+    with phase("trainer setup"):
+        trainer = L.Trainer(
+            max_epochs=t.max_epochs,
+            accelerator=t.accelerator,
+            devices=t.devices,
+            strategy=_strategy(t),
+            sync_batchnorm=t.sync_batchnorm,
+            precision=_precision(t.precision),
+            deterministic=t.deterministic,
+            logger=False,
+            callbacks=all_callbacks,
+            plugins=[AtomicCheckpointIO()],
+            default_root_dir=out_dir,
+            num_sanity_val_steps=0,
+            enable_progress_bar=sys.stderr.isatty(),
+            enable_model_summary=False,
+            # cuDNN autotuning costs seconds of warm-up that small networks never earn back.
+            benchmark=False,
+        )
+        trainer._signal_connector = QuietSignalConnector(trainer)
+        # A setting that cannot apply fails before any output goes.
+        graphs = use_cuda_graphs(t, trainer, getattr(config.model, "unfreeze_epoch", None))
+        check_placement(t.data_placement, trainer.strategy.root_device.type)
+        module = build_module(config, prepared, pretrained=resume is None)
+        if t.channels_last and torch.cuda.is_available() and t.accelerator != "cpu":
+            module = module.to(
+                memory_format=torch.channels_last
+            )  # NHWC convolutions on tensor cores
+        if t.compile:
+            module.net.compile()  # in place: checkpoint keys stay those of the plain module
+        module.gpu_augment = batched_engine(config, prepared)
+        if graphs:
+            module.capture_train_step()
+        workers_augment = config.augment if module.gpu_augment is None else None
+        data = ImageData(
+            prepared,
+            t.batch_size,
+            t.seed,
+            eval_batch_size=config.evaluate.batch_size,
+            augment=workers_augment,
+            num_workers=t.num_workers,
+            placement=t.data_placement,
+        )
     started = time.perf_counter()
     # Signals wait for a batch boundary (StopOnSignal), then stop as Lightning stops on SIGTERM.
-    with runs.deferred_signals(raise_after=False):
+    with runs.deferred_signals(raise_after=False), phase("fit"):
         try:
             trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
         except SIGTERMException:
@@ -424,10 +431,11 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message="Found .* module.* in eval mode at the start")
 
 
-def train_stage(config: Config) -> dict[str, Any]:
+def train_stage(config: Config, mlflow: TrackerProcess | None = None) -> dict[str, Any]:
     """`cnnops train`: train into `models/train.partial`, resuming an interrupted run of the same
     config and data there; when it finishes, replace `models/train`, write the reports and
-    close the MLflow run (the same run across resumes)."""
+    close the MLflow run (the same run across resumes). `mlflow`: a tracker process already
+    warming up, to record the run from; otherwise MLflow is called from this process."""
     from cnnops import tracking
     from cnnops.data import prepare
 
@@ -438,7 +446,8 @@ def train_stage(config: Config) -> dict[str, Any]:
     check_placement(config.train.data_placement, planned_device_type(config.train))
     out = paths.models / "train"
     # Memory-mapped: the disk placement streams from it; the others read it into memory once.
-    prepared = prepare.load(paths.prepared, mmap=True)
+    with phase("data"):
+        prepared = prepare.load(paths.prepared, mmap=True)
     fingerprint = runs.fingerprint(dump_config(config), [paths.prepared])
     if not rank_zero():  # DDP re-launches this command per rank; rank 0 owns every output
         work = out.with_name(out.name + ".partial")
@@ -451,28 +460,39 @@ def train_stage(config: Config) -> dict[str, Any]:
         done = _epoch_of(resume) if resume else 0
         stale = (staging.previous or {}).get("mlflow_run_id")
         if stale and not staging.resumable:  # a killed run of other settings: it ends here
-            tracking.end_run(config.mlflow, stale, "KILLED", {"cnnops.ended": "superseded"})
+            ended = {"cnnops.ended": "superseded"}
+            if mlflow is None:
+                tracking.end_run(config.mlflow, stale, "KILLED", ended)
+            else:
+                mlflow.end_run(stale, "KILLED", ended)
         run_id = staging.state.get("mlflow_run_id") if staging.resumable else None
         tags = {"cnnops.stage": "train"}
-        with tracking.MlflowTracker(config.mlflow, "train", tags=tags, run_id=run_id) as tracker:
-            if tracker.run_id != run_id:  # a new run
-                tracker.log_params(flatten(config))
-                tracker.set_tags(
-                    {
-                        "git.commit": tracking.git_commit(),
-                        **tracking.environment(),
-                        **tracking.dvc_hashes([paths.prepared]),
-                    }
-                )
-            if done:
-                tracker.set_tags({"cnnops.resumed_after_epoch": str(done)})
+        with phase("mlflow: open"):
+            tracker: Tracker = (
+                tracking.MlflowTracker(config.mlflow, "train", tags=tags, run_id=run_id)
+                if mlflow is None
+                else mlflow.open("train", tags=tags, run_id=run_id)
+            )
+        with tracker:
+            with phase("mlflow: params and tags"):
+                if tracker.run_id != run_id:  # a new run
+                    tracker.log_params(flatten(config))
+                    tracker.set_tags(
+                        {
+                            "git.commit": tracking.git_commit(),
+                            **tracking.environment(),
+                            **tracking.dvc_hashes([paths.prepared]),
+                        }
+                    )
+                if done:
+                    tracker.set_tags({"cnnops.resumed_after_epoch": str(done)})
             staging.update(mlflow_run_id=tracker.run_id)
             try:
                 result = train(config, prepared, staging.work, tracker, resume=resume)
             except runs.Interrupted as e:
                 e.detail = _resume_hint(staging.work / "last.ckpt")
                 raise
-            with runs.deferred_signals():  # outputs, reports and run records change together
+            with runs.deferred_signals(), phase("publish"):  # all or nothing changes
                 _publish(config, prepared, result, staging, tracker)
     return result.metrics
 

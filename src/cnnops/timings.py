@@ -1,0 +1,37 @@
+"""Where a command's seconds go, phase by phase (`benchmarks/startup.py` prints them).
+
+With CNNOPS_TIMINGS=<file> in the environment, every `phase(name)` block records when it began
+and ended (wall-clock, so the benchmark can line them up with the moment it started the process),
+and the records are written to <file> as JSON when the process exits. Without it a phase costs
+one environment lookup.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterator
+
+_records: list[dict[str, float | str]] = []
+
+
+@contextlib.contextmanager
+def phase(name: str) -> Iterator[None]:
+    if "CNNOPS_TIMINGS" not in os.environ:
+        yield
+        return
+    if not _records:
+        atexit.register(_write, os.environ["CNNOPS_TIMINGS"])
+    begin = time.time()
+    try:
+        yield
+    finally:
+        _records.append({"phase": name, "begin": begin, "end": time.time()})
+
+
+def _write(path: str) -> None:
+    with open(path, "w") as f:
+        json.dump({"phases": _records, "exit": time.time()}, f)

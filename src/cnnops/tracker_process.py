@@ -1,0 +1,188 @@
+"""MLflow in a process of its own, so that `cnnops train` does not wait for it.
+
+Importing MLflow and opening its store (SQLAlchemy, the schema check, a new store's migrations)
+takes one to four seconds: as long as a short training. `TrackerProcess(cfg)` starts that work
+in a child process at once, while the training process goes on importing torch and Lightning;
+`open` then creates or reopens the run there and returns the same object as the run's tracker.
+Its calls travel through a pipe, in order; those whose caller must know the outcome (`open`,
+`log_artifact`, whose file may move right after, and `close`) wait for the answer.
+
+The child holds an ordinary `MlflowTracker`, so a server that goes away mid-run is handled as
+before: calls are kept and replayed at `close`. The child ignores SIGINT and SIGTERM (the
+training process decides how the run ends). If the training process dies without closing the
+run, the child sends what it was given and leaves the run open, for a resume to reopen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cnnops.errors import CnnopsError
+from cnnops.tracking import TrackingError
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
+    from cnnops.config import Mlflow
+
+
+class TrackerProcess:
+    """A `Tracker` whose MLflow calls run in a child process started on construction."""
+
+    def __init__(self, cfg: Mlflow) -> None:
+        context = multiprocessing.get_context("spawn")  # no copy of a half-imported torch
+        self._conn, child = context.Pipe()
+        self._process = context.Process(
+            target=_serve, args=(child, cfg), name="cnnops-mlflow", daemon=True
+        )
+        self._process.start()
+        child.close()
+        self._lost: str | None = None  # why the child cannot be reached, once it cannot
+        self.run_id: str | None = None
+
+    def open(
+        self, run_name: str, tags: dict[str, str] | None = None, run_id: str | None = None
+    ) -> TrackerProcess:
+        """Create the run, or reopen `run_id` where the store holds it (see `MlflowTracker`)."""
+        self.run_id = self._ask("open", run_name, tags, run_id)
+        return self
+
+    def end_run(self, run_id: str, status: str, tags: dict[str, str]) -> None:
+        """`tracking.end_run` on another run of the store, from the child."""
+        self._ask("end_run", run_id, status, tags)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._tell("log_params", params)
+
+    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        self._tell("log_metrics", metrics, step)
+
+    def log_image(self, key: str, image: Any, step: int) -> None:
+        self._tell("log_image", key, image, step)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._tell("set_tags", tags)
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        self._ask("log_artifact", Path(path), folder)
+
+    def close(self, status: str = "FINISHED") -> None:
+        """End the run with `status`, after everything sent before; then the child leaves."""
+        try:
+            self._ask("close", status)
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        """Let the child go (an open run stays open) and wait for it."""
+        self._conn.close()
+        self._process.join(timeout=60)
+        if self._process.is_alive():  # stuck on a server that does not answer
+            self._process.kill()
+            self._process.join()
+
+    def __enter__(self) -> TrackerProcess:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        from cnnops.runs import Interrupted
+
+        if kind is None:
+            self.close("FINISHED")
+            return
+        with contextlib.suppress(TrackingError):  # the block's own exception says more
+            self.close("KILLED" if issubclass(kind, Interrupted) else "FAILED")
+
+    def _tell(self, name: str, *args: Any) -> None:
+        """Send a call without waiting; a failure comes back with the next `_ask`."""
+        if self._lost is None:
+            try:
+                self._conn.send((name, args, False))
+            except (OSError, ValueError) as e:
+                self._lost = f"the MLflow process is gone ({e})"
+
+    def _ask(self, name: str, *args: Any) -> Any:
+        """Send a call and wait for its outcome (or for a failure of a call sent before)."""
+        if self._lost is None:
+            try:
+                self._conn.send((name, args, True))
+                kind, value = self._conn.recv()
+            except (EOFError, OSError, ValueError):
+                self._process.join(timeout=5)
+                self._lost = f"the MLflow process ended (exit status {self._process.exitcode})"
+        if self._lost is not None:
+            raise TrackingError(
+                f"MLflow run {self.run_id or '(not created)'}: {self._lost}; the stage's outputs "
+                "are kept, rerun it to record the run"
+            )
+        if kind == "error":
+            raise TrackingError(value)
+        if kind == "crash":
+            raise RuntimeError(f"the MLflow process failed:\n{value}")
+        return value
+
+
+def _serve(conn: Connection, cfg: Mlflow) -> None:
+    """The child: warm MLflow up, then carry out calls in order until `close` or the parent's
+    end. A failure is answered at the next call that waits for an answer."""
+    import signal
+
+    from cnnops import tracking
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    client: Any = None
+    warm_up: Exception | None = None
+    try:
+        client = tracking.client(cfg)  # imports MLflow, opens (or creates) the store
+        tracking.experiment_id(client, cfg)
+    except Exception as e:
+        warm_up = e  # answered when the run is opened
+    tracker: tracking.MlflowTracker | None = None
+    failure: tuple[str, str] | None = None
+    while True:
+        try:
+            name, args, wants_answer = conn.recv()
+        except EOFError:  # the training process is gone
+            break
+        result = None
+        try:
+            if name == "open":
+                if warm_up is not None:
+                    raise warm_up
+                run_name, tags, run_id = args
+                tracker = tracking.MlflowTracker(
+                    cfg, run_name, tags=tags, run_id=run_id, mlflow_client=client
+                )
+                result = tracker.run_id
+            elif name == "end_run":
+                tracking.end_run(cfg, *args)
+            else:
+                getattr(tracker, name)(*args)
+        except Exception as e:
+            failure = failure or _portable(e)
+        if name == "close":
+            tracker = None
+        if wants_answer:
+            conn.send(failure or ("ok", result))
+            failure = None
+            if name == "close":
+                return
+    if tracker is not None:  # left without `close`: what was sent goes out, the run stays open
+        tracker.flush()
+
+
+def _portable(error: Exception) -> tuple[str, str]:
+    """An exception as the parent can raise it: a user-fixable one as its line, others whole."""
+    from cnnops.tracking import refusal
+
+    if isinstance(error, CnnopsError):
+        return "error", str(error)
+    message = refusal(error)
+    if message is not None:
+        return "error", message
+    return "crash", "".join(traceback.format_exception(error))
