@@ -72,8 +72,11 @@ class TrackerProcess:
 
     def close(self, status: str = "FINISHED") -> None:
         """End the run with `status`, after everything sent before; then the child leaves."""
+        from cnnops.timings import phase
+
         try:
-            self._ask("close", status)
+            with phase("mlflow: close"):
+                self._ask("close", status)
         finally:
             self.shutdown()
 
@@ -129,10 +132,12 @@ class TrackerProcess:
 def _serve(conn: Connection, cfg: Mlflow) -> None:
     """The child: warm MLflow up, then carry out calls in order until `close` or the parent's
     end. A failure is answered at the next call that waits for an answer."""
+    import os
     import signal
 
     from cnnops import tracking
 
+    os.environ.pop("CNNOPS_TIMINGS", None)  # the phases are the training process's to write
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     client: Any = None
@@ -171,9 +176,24 @@ def _serve(conn: Connection, cfg: Mlflow) -> None:
             conn.send(failure or ("ok", result))
             failure = None
             if name == "close":
-                return
+                break
     if tracker is not None:  # left without `close`: what was sent goes out, the run stays open
         tracker.flush()
+    _leave()
+
+
+def _leave() -> None:
+    """Exit now: the run is closed or flushed, and the training process may be waiting to
+    exit itself (Lightning's DDP launcher kills a rank 0 that outlives its ranks for long)."""
+    import logging
+    import os
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(0)
 
 
 def _portable(error: Exception) -> tuple[str, str]:
