@@ -55,7 +55,7 @@ def test_calls_reach_the_run_in_order_and_close_ends_it(cfg: Mlflow, tmp_path: P
         artifact.write_text("epoch,val_acc\n")
         tracker.log_artifact(artifact)
         artifact.unlink()  # it was uploaded before log_artifact returned
-    assert tracker._process.exitcode == 0
+    assert tracker._process.returncode == 0
     client = MlflowClient(cfg.tracking_uri)
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FINISHED"
@@ -88,7 +88,7 @@ def test_a_store_that_cannot_open_fails_at_open(tmp_path: Path, monkeypatch) -> 
     with pytest.raises((TrackingError, RuntimeError), match="a-file"):
         tracker.open("train")
     tracker.shutdown()
-    assert tracker._process.exitcode == 0
+    assert tracker._process.returncode == 0
 
 
 def test_a_killed_trainer_leaves_its_run_open_with_what_it_sent(cfg: Mlflow) -> None:
@@ -113,3 +113,27 @@ def test_a_killed_trainer_leaves_its_run_open_with_what_it_sent(cfg: Mlflow) -> 
     client = MlflowClient(cfg.tracking_uri)
     assert client.get_run(run_id).info.status == "RUNNING"  # for a resume to reopen
     assert [m.value for m in client.get_metric_history(run_id, "val/acc")] == [0.0, 0.1, 0.2]
+
+
+def test_only_plain_values_cross_so_the_child_never_loads_torch(
+    cfg: Mlflow, tmp_path: Path
+) -> None:
+    import numpy as np
+    import torch
+
+    maps = Path("/proc/self/maps")
+    if not maps.is_file():
+        pytest.skip("needs /proc")
+    tracker = TrackerProcess(cfg).open("train")
+    with tracker:
+        tracker.set_tags({"torch": torch.__version__})  # a str subclass of torch's
+        tracker.log_params({"size": np.int64(28)})
+        tracker.log_metrics({"val_acc": np.float64(0.5), "lr": np.float32(0.25)}, step=np.int64(1))
+        (tmp_path / "a.txt").write_text("a")
+        tracker.log_artifact(tmp_path / "a.txt")  # waits: everything before it was handled
+        loaded = Path(f"/proc/{tracker._process.pid}/maps").read_text()
+        assert "libtorch" not in loaded, "the MLflow process loaded torch"
+    run = MlflowClient(cfg.tracking_uri).get_run(tracker.run_id)
+    assert run.data.tags["torch"] == str(torch.__version__)
+    assert run.data.params["size"] == "28"
+    assert run.data.metrics == {"val/acc": 0.5, "lr": 0.25}

@@ -16,8 +16,14 @@ run, the child sends what it was given and leaves the run open, for a resume to 
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
+import numbers
+import os
+import queue
+import subprocess
+import sys
+import threading
 import traceback
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,8 +31,6 @@ from cnnops.errors import CnnopsError
 from cnnops.tracking import TrackingError
 
 if TYPE_CHECKING:
-    from multiprocessing.connection import Connection
-
     from cnnops.config import Mlflow
 
 
@@ -34,38 +38,54 @@ class TrackerProcess:
     """A `Tracker` whose MLflow calls run in a child process started on construction."""
 
     def __init__(self, cfg: Mlflow) -> None:
-        context = multiprocessing.get_context("spawn")  # no copy of a half-imported torch
-        self._conn, child = context.Pipe()
-        self._process = context.Process(
-            target=_serve, args=(child, cfg), name="cnnops-mlflow", daemon=True
+        # A fresh interpreter (not multiprocessing's spawn, which re-runs the caller's script):
+        # two pipes, calls one way and answers the other.
+        calls_read, calls_write = os.pipe()
+        answers_read, answers_write = os.pipe()
+        path = os.pathsep.join(p for p in sys.path if p)  # where this process found cnnops
+        self._process = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                f"import {__name__} as m; m._main({calls_read}, {answers_write})",
+            ],
+            pass_fds=(calls_read, answers_write),
+            env={**os.environ, "PYTHONPATH": path},
         )
-        self._process.start()
-        child.close()
+        os.close(calls_read)
+        os.close(answers_write)
+        self._calls = Connection(calls_write, readable=False)
+        self._answers = Connection(answers_read, writable=False)
         self._lost: str | None = None  # why the child cannot be reached, once it cannot
         self.run_id: str | None = None
+        self._tell("start", cfg)
 
     def open(
         self, run_name: str, tags: dict[str, str] | None = None, run_id: str | None = None
     ) -> TrackerProcess:
         """Create the run, or reopen `run_id` where the store holds it (see `MlflowTracker`)."""
-        self.run_id = self._ask("open", run_name, tags, run_id)
+        plain = {str(k): str(v) for k, v in (tags or {}).items()}
+        self.run_id = self._ask("open", run_name, plain, run_id)
         return self
 
     def end_run(self, run_id: str, status: str, tags: dict[str, str]) -> None:
         """`tracking.end_run` on another run of the store, from the child."""
-        self._ask("end_run", run_id, status, tags)
+        self._ask("end_run", run_id, status, {str(k): str(v) for k, v in tags.items()})
 
+    # Plain values only cross the pipe: a str subclass such as torch's version would make the
+    # child import torch to read it, a second's work competing with the training.
     def log_params(self, params: dict[str, Any]) -> None:
-        self._tell("log_params", params)
+        self._tell("log_params", {str(k): str(v) for k, v in params.items()})
 
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
-        self._tell("log_metrics", metrics, step)
+        plain = {str(k): float(v) for k, v in metrics.items() if isinstance(v, numbers.Real)}
+        self._tell("log_metrics", plain, int(step))
 
     def log_image(self, key: str, image: Any, step: int) -> None:
         self._tell("log_image", key, image, step)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._tell("set_tags", tags)
+        self._tell("set_tags", {str(k): str(v) for k, v in tags.items()})
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         self._ask("log_artifact", Path(path), folder)
@@ -82,11 +102,13 @@ class TrackerProcess:
 
     def shutdown(self) -> None:
         """Let the child go (an open run stays open) and wait for it."""
-        self._conn.close()
-        self._process.join(timeout=60)
-        if self._process.is_alive():  # stuck on a server that does not answer
+        self._calls.close()
+        self._answers.close()
+        try:
+            self._process.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # stuck on a server that does not answer
             self._process.kill()
-            self._process.join()
+            self._process.wait()
 
     def __enter__(self) -> TrackerProcess:
         return self
@@ -104,7 +126,7 @@ class TrackerProcess:
         """Send a call without waiting; a failure comes back with the next `_ask`."""
         if self._lost is None:
             try:
-                self._conn.send((name, args, False))
+                self._calls.send((name, args, False))
             except (OSError, ValueError) as e:
                 self._lost = f"the MLflow process is gone ({e})"
 
@@ -112,11 +134,12 @@ class TrackerProcess:
         """Send a call and wait for its outcome (or for a failure of a call sent before)."""
         if self._lost is None:
             try:
-                self._conn.send((name, args, True))
-                kind, value = self._conn.recv()
+                self._calls.send((name, args, True))
+                kind, value = self._answers.recv()
             except (EOFError, OSError, ValueError):
-                self._process.join(timeout=5)
-                self._lost = f"the MLflow process ended (exit status {self._process.exitcode})"
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._process.wait(timeout=5)
+                self._lost = f"the MLflow process ended (exit status {self._process.returncode})"
         if self._lost is not None:
             raise TrackingError(
                 f"MLflow run {self.run_id or '(not created)'}: {self._lost}; the stage's outputs "
@@ -129,10 +152,10 @@ class TrackerProcess:
         return value
 
 
-def _serve(conn: Connection, cfg: Mlflow) -> None:
+def _main(calls_fd: int, answers_fd: int) -> None:
     """The child: warm MLflow up, then carry out calls in order until `close` or the parent's
-    end. A failure is answered at the next call that waits for an answer."""
-    import os
+    end. A failure is answered at the next call that waits for an answer. A reader thread
+    takes calls off the pipe as they come, so the training process never waits to send."""
     import signal
 
     from cnnops import tracking
@@ -140,23 +163,25 @@ def _serve(conn: Connection, cfg: Mlflow) -> None:
     os.environ.pop("CNNOPS_TIMINGS", None)  # the phases are the training process's to write
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    calls, answers = Connection(calls_fd, writable=False), Connection(answers_fd, readable=False)
+    inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    threading.Thread(target=_read, args=(calls, inbox), daemon=True).start()
     client: Any = None
     warm_up: Exception | None = None
-    try:
-        client = tracking.client(cfg)  # imports MLflow, opens (or creates) the store
-        tracking.experiment_id(client, cfg)
-    except Exception as e:
-        warm_up = e  # answered when the run is opened
     tracker: tracking.MlflowTracker | None = None
     failure: tuple[str, str] | None = None
-    while True:
-        try:
-            name, args, wants_answer = conn.recv()
-        except EOFError:  # the training process is gone
-            break
+    while (call := inbox.get()) is not None:  # None: the training process is gone
+        name, args, wants_answer = call
         result = None
         try:
-            if name == "open":
+            if name == "start":
+                (cfg,) = args
+                try:
+                    client = tracking.client(cfg)  # imports MLflow, opens (or creates) the store
+                    tracking.experiment_id(client, cfg)
+                except Exception as e:
+                    warm_up = e  # answered when the run is opened
+            elif name == "open":
                 if warm_up is not None:
                     raise warm_up
                 run_name, tags, run_id = args
@@ -173,7 +198,7 @@ def _serve(conn: Connection, cfg: Mlflow) -> None:
         if name == "close":
             tracker = None
         if wants_answer:
-            conn.send(failure or ("ok", result))
+            answers.send(failure or ("ok", result))
             failure = None
             if name == "close":
                 break
@@ -182,12 +207,19 @@ def _serve(conn: Connection, cfg: Mlflow) -> None:
     _leave()
 
 
+def _read(calls: Connection, inbox: queue.SimpleQueue[Any]) -> None:
+    while True:
+        try:
+            inbox.put(calls.recv())
+        except (EOFError, OSError):
+            inbox.put(None)
+            return
+
+
 def _leave() -> None:
     """Exit now: the run is closed or flushed, and the training process may be waiting to
     exit itself (Lightning's DDP launcher kills a rank 0 that outlives its ranks for long)."""
     import logging
-    import os
-    import sys
 
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):

@@ -9,6 +9,7 @@ stage's outputs are kept and it fails with one line naming the run (`TrackingErr
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import platform
 import re
@@ -384,7 +385,7 @@ class MlflowTracker:
         batch = [
             Metric(METRIC_NAMES.get(k, k), float(v), now, step)
             for k, v in metrics.items()
-            if isinstance(v, int | float)
+            if isinstance(v, numbers.Real)
         ]
         if not batch:
             return
