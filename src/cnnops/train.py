@@ -392,6 +392,10 @@ def train(
         "peak_memory_mb": peak_mb,
         # Whether the training steps ran as a captured CUDA graph (train.cuda_graphs).
         "cuda_graphs": module.graph_step is not None and module.graph_step.captured,
+        # ... and the optimizer's update with them (train.cuda_graphs_optimizer).
+        "cuda_graphs_optimizer": module.graph_optimizer is not None
+        and module.graph_step is not None
+        and module.graph_step.captured,
         # Where the training split was read from (train.data_placement, auto resolved).
         "data_placement": placement,
     }
@@ -468,7 +472,7 @@ def train_stage(config: Config, mlflow: TrackerProcess | None = None) -> dict[st
         run_id = staging.state.get("mlflow_run_id") if staging.resumable else None
         tags = {"cnnops.stage": "train"}
         with phase("mlflow: open"):
-            tracker: Tracker = (
+            tracker: tracking.MlflowTracker | TrackerProcess = (
                 tracking.MlflowTracker(config.mlflow, "train", tags=tags, run_id=run_id)
                 if mlflow is None
                 else mlflow.open("train", tags=tags, run_id=run_id)
