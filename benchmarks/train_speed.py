@@ -3,14 +3,17 @@
     python benchmarks/train_speed.py --mirror DIR                        # GPU: full MNIST
     python benchmarks/train_speed.py --mirror DIR --device cpu --train-size 6000 --epochs 3
 
-Three ways to train the same network (the MNIST seed CNN), batch size and augmentation (random
+Four ways to train the same network (the MNIST seed CNN), batch size and augmentation (random
 translate by up to 2 px), on the same device:
   raw      a plain PyTorch loop, dataset resident on the device, augmentation batched there;
+  graphed  (GPU) the raw loop's whole step -- augment, forward, backward and a capturable AdamW
+           whose learning rate is a device tensor -- captured once as a CUDA graph and replayed;
   typical  torch Dataset + per-sample Albumentations in DataLoader workers + a LightningModule;
   cnnops   `cnnops.train.train()` with the same settings, MLflow logging included (on a GPU
-           also as cnnops-eager, with `train.cuda_graphs: false`).
+           also as cnnops-eager, with `train.cuda_graphs: false`, and as cnnops-graphed-opt,
+           with `train.cuda_graphs_optimizer: true` under a cosine schedule).
 Prints steady-state images/s (epochs after the first), epoch time, training time to 99.0% and
-99.4% test accuracy, peak GPU memory and the ratios cnnops/raw and cnnops/typical.
+99.4% test accuracy, peak GPU memory and the ratios of cnnops to raw, graphed and typical.
 """
 
 from __future__ import annotations
@@ -139,6 +142,84 @@ def raw_loop(config: Config, data: Prepared, args, device) -> dict:
     return summarize("raw", times, accs, steps * args.batch_size, device)
 
 
+def graphed_loop(config: Config, data: Prepared, args, device) -> dict:
+    """The ceiling of a captured step, written by hand: the raw loop's step and its update in one
+    CUDA graph. Three eager warm-up steps on a side stream (they train), then the step is
+    captured and each batch is an index into static buffers plus one replay. The update is
+    AdamW(capturable=True, fused=True) reading its rate from a device tensor, which OneCycleLR
+    refills in place after each replay (the rate only: with cycle_momentum a graph would keep
+    the first beta1). NHWC convolutions, as cnnops trains on CUDA."""
+    import warnings
+
+    torch.manual_seed(0)
+    x = torch.from_numpy(data.x["train"]).to(device)
+    y = torch.from_numpy(data.y["train"]).to(device)
+    xt = torch.from_numpy(data.x["test"]).to(device)
+    yt = torch.from_numpy(data.y["test"]).to(device)
+    mean, std = data.mean[0], data.std[0]
+    model = build_model(config.model, 1, 10, 28).to(device, memory_format=torch.channels_last)
+    peak = config.train.optimizer.lr
+    lr = torch.tensor(peak, device=device)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=lr, weight_decay=1e-4, capturable=True, fused=True
+    )
+    steps = len(y) // args.batch_size
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, peak, total_steps=steps * args.epochs, cycle_momentum=False
+    )
+    xb = torch.empty((args.batch_size, *x.shape[1:]), dtype=x.dtype, device=device)
+    yb = torch.empty(args.batch_size, dtype=y.dtype, device=device)
+
+    def augment(images: torch.Tensor) -> torch.Tensor:
+        theta = torch.zeros(len(images), 2, 3, device=device)
+        theta[:, 0, 0] = theta[:, 1, 1] = 1
+        theta[:, :, 2] = (torch.rand(len(images), 2, device=device) * 2 - 1) * SHIFT * 2
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        return F.grid_sample(images, grid, align_corners=False)
+
+    def norm(images: torch.Tensor) -> torch.Tensor:
+        return (images.float() / 255 - mean) / std
+
+    def step() -> None:  # what the graph holds: the whole step, update included
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16, cache_enabled=False):
+            inputs = norm(augment(xb.float())).contiguous(memory_format=torch.channels_last)
+            loss = F.cross_entropy(model(inputs), yb)
+        loss.backward()
+        opt.step()
+
+    graph: torch.cuda.CUDAGraph | None = None
+    side = torch.cuda.Stream()
+    times, accs = [], []
+    for epoch in range(args.epochs):
+        sync(device)
+        start = time.perf_counter()
+        perm = torch.randperm(len(y), device=device)
+        for i in range(steps):
+            idx = perm[i * args.batch_size : (i + 1) * args.batch_size]
+            torch.index_select(x, 0, idx, out=xb)
+            torch.index_select(y, 0, idx, out=yb)
+            if graph is not None:
+                graph.replay()
+            elif epoch * steps + i < 3:  # warm-up: autograd, cuDNN and the optimizer's state
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # capturable=True stepping uncaptured
+                    opt.zero_grad(set_to_none=True)
+                    step()
+                torch.cuda.current_stream().wait_stream(side)
+            else:
+                opt.zero_grad(set_to_none=True)  # the graph's backward owns the gradients
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step()
+                graph.replay()
+            sched.step()  # lr.fill_(...): outside the graph, read by the next replay
+        sync(device)
+        times.append(time.perf_counter() - start)
+        accs.append(test_accuracy(model, xt, yt, norm))
+    return summarize("graphed", times, accs, steps * args.batch_size, device)
+
+
 def typical_stack(config: Config, data: Prepared, args, device) -> dict:
     """What a user writes by hand: per-sample Albumentations in workers + a LightningModule."""
     import albumentations as A
@@ -221,6 +302,20 @@ def cnnops_eager(config: Config, data: Prepared, args, device) -> dict:
         update={"train": config.train.model_copy(update={"cuda_graphs": False})}
     )
     return cnnops_train(eager, data, args, device, name="cnnops-eager")
+
+
+def cnnops_graphed_opt(config: Config, data: Prepared, args, device) -> dict:
+    """`cnnops train` with `train.cuda_graphs_optimizer: true`: each step one replay, the update
+    included. Under a cosine schedule: onecycle cycles Adam's momentum every step, which keeps
+    the update eager."""
+    train = config.train.model_copy(
+        update={
+            "cuda_graphs_optimizer": True,
+            "scheduler": config.train.scheduler.model_copy(update={"name": "cosine"}),
+        }
+    )
+    graphed = config.model_copy(update={"train": train})
+    return cnnops_train(graphed, data, args, device, name="cnnops-graphed-opt")
 
 
 def cnnops_train(config: Config, data: Prepared, args, device, name: str = "cnnops") -> dict:
@@ -353,7 +448,16 @@ def main() -> None:
     parser.add_argument(
         "--only",
         nargs="*",
-        default=["raw", "cnnops", "cnnops-eager", "typical", "e2e", "startup"],
+        default=[
+            "raw",
+            "graphed",
+            "cnnops",
+            "cnnops-eager",
+            "cnnops-graphed-opt",
+            "typical",
+            "e2e",
+            "startup",
+        ],
     )
     parser.add_argument("--e2e-epochs", type=int, default=5)
     parser.add_argument(
@@ -386,12 +490,16 @@ def main() -> None:
     results = {}
     runners = {
         "raw": raw_loop,
+        "graphed": graphed_loop,
         "cnnops": cnnops_train,
         "cnnops-eager": cnnops_eager,
+        "cnnops-graphed-opt": cnnops_graphed_opt,
         "typical": typical_stack,
     }
-    if device.type != "cuda" and "cnnops-eager" in args.only:
-        args.only.remove("cnnops-eager")  # CUDA graphs are a GPU matter: the same run on a CPU
+    if device.type != "cuda":  # CUDA graphs are a GPU matter: the same run on a CPU
+        for name in ("graphed", "cnnops-eager", "cnnops-graphed-opt"):
+            if name in args.only:
+                args.only.remove(name)
     for name in [n for n in runners if n in args.only]:
         results[name] = runners[name](config, data, args, device)
         print(json.dumps(results[name]), flush=True)
@@ -406,6 +514,10 @@ def main() -> None:
     if "raw" in results and "cnnops" in results:
         ratio = results["cnnops"]["images_per_s"] / results["raw"]["images_per_s"]
         print(f"cnnops / raw throughput: {ratio:.2f}x")
+    for name in ("cnnops", "cnnops-graphed-opt"):
+        if "graphed" in results and name in results:
+            ratio = results[name]["images_per_s"] / results["graphed"]["images_per_s"]
+            print(f"{name} / graphed (the whole step captured by hand): {ratio:.2f}x")
     if "cnnops-eager" in results and "cnnops" in results:
         ratio = results["cnnops"]["images_per_s"] / results["cnnops-eager"]["images_per_s"]
         print(f"cnnops / cnnops-eager (CUDA graphs on / off): {ratio:.2f}x")

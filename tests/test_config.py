@@ -51,6 +51,8 @@ def test_yaml_reads_exponents_as_floats_like_dvc(tmp_path: Path) -> None:
         ("model.conv.1.padding=full", "model.conv[1].padding = 'full'"),
         ("model.name=vgg99", "model.name = 'vgg99'"),
         ("prepare.val_fraction=0.75", "val_fraction + test_fraction = 0.95"),
+        ("train.cuda_graphs=sometimes", "train.cuda_graphs = 'sometimes': expected true, false"),
+        ("train.cuda_graphs_optimizer=2", "train.cuda_graphs_optimizer = 2: expected true, false"),
     ],
 )
 def test_bad_value_names_its_key(tmp_path: Path, override: str, culprit: str) -> None:
@@ -343,3 +345,23 @@ def test_a_password_in_params_is_refused_and_never_repeated(tmp_path: Path, key:
     message = str(refused.value)
     assert f"{key} = 'postgresql://someone:***@db:5432/x': holds a password" in message
     assert "hunter2-secret" not in message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        (["train.cuda_graphs=false"], "which train.cuda_graphs = false keeps eager"),
+        (["train.scheduler.name=onecycle"], "'onecycle' changes the momentum every step"),
+    ],
+)
+def test_a_captured_optimizer_step_that_cannot_be_is_refused_at_load(
+    overrides: list[str], reason: str
+) -> None:
+    insist = "train.cuda_graphs_optimizer=true"
+    code, stderr = show_config(insist, *overrides)
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert f"--set {insist}: train.cuda_graphs_optimizer = true: " in stderr and reason in stderr
+    # auto takes what applies: those runs keep the optimizer step eager.
+    config = load_config(ROOT / "params.yaml", ["train.cuda_graphs_optimizer=auto", *overrides])
+    assert config.train.cuda_graphs_optimizer == "auto"
+    assert load_config(ROOT / "params.yaml").train.cuda_graphs_optimizer is False  # opt-in

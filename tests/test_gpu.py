@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from cnnops.checkpoints import load_classifier
 from cnnops.config import Config, load_config
@@ -241,3 +242,193 @@ def test_a_frozen_pretrained_backbone_trains_its_head_in_captured_steps(
     for key, value in imagenet.items():
         if not key.startswith("classifier."):
             assert torch.equal(trained[key].float(), value.float()), key
+
+
+# --- the optimizer step inside the captured graph (train.cuda_graphs_optimizer) -------------------
+
+STEPS = 4 * 9  # 4 epochs of 2100 images at batch 256: 8 full batches and an eager partial one
+
+
+def exact(*overrides: str) -> Config:
+    """fp32, deterministic kernels, no randomness in the step: eager and captured steps must
+    give the same weights; `overrides` pick the optimizer, schedule and graph settings."""
+    common = [
+        "train.max_epochs=4",
+        "train.batch_size=256",
+        "train.precision=32",
+        "train.deterministic=true",
+        "train.early_stopping.enabled=false",
+        "model.dropout_fc=0.0",
+    ]
+    return load_config(ROOT / "pipelines/mnist/params.yaml", [*common, *overrides])
+
+
+class Trace(Callback):
+    """Records, after every training step, the whole module state (weights and batch-norm
+    statistics, flattened), the learning rate and the global step; at the end, how the steps
+    ran."""
+
+    def __init__(self) -> None:
+        self.states: list[torch.Tensor] = []
+        self.lrs: list[float] = []
+        self.global_steps: list[int] = []
+        self.ran: dict[str, object] = {}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        state = module.state_dict()
+        self.states.append(torch.cat([v.detach().float().flatten() for v in state.values()]))
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+        self.global_steps.append(trainer.global_step)
+
+    def on_train_end(self, trainer, module) -> None:
+        step = module.graph_step
+        self.ran = {
+            "captured": step is not None and step.captured,
+            "replays": None if step is None else step.replays,
+            "recaptures": None if step is None else step.recaptures,
+            "optimizer_in_graph": module.graph_optimizer is not None,
+        }
+
+
+def run_traced(config: Config, data: prepare.Prepared, out: Path, **kwargs):
+    trace = Trace()
+    result = train(config, data, out, callbacks=[trace], **kwargs)
+    return result, trace, torch.load(result.last_checkpoint, map_location="cpu", weights_only=True)
+
+
+def assert_same_training_state(a: dict, b: dict, rtol: float, atol: float) -> None:
+    """Two checkpoints' global step, schedule and optimizer settings equal; weights and
+    optimizer state equal within (rtol, atol), the per-parameter step counters exactly."""
+    assert a["global_step"] == b["global_step"]
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+    opt_a, opt_b = a["optimizer_states"][0], b["optimizer_states"][0]
+    assert opt_a["param_groups"] == opt_b["param_groups"]  # float rates, capturable as eager
+    assert opt_a["state"].keys() == opt_b["state"].keys()
+    for index, state in opt_a["state"].items():
+        for key, value in state.items():
+            other = opt_b["state"][index][key]
+            if key == "step":
+                assert value.device == other.device and torch.equal(value, other), (index, key)
+            else:
+                torch.testing.assert_close(other, value, rtol=rtol, atol=atol)
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=rtol, atol=atol)
+
+
+SCHEDULES = {
+    # Warm-up then cosine: a new rate every epoch (SequentialLR of LinearLR and cosine).
+    "adamw": ["train.scheduler.name=cosine", "train.scheduler.warmup_epochs=1"],
+    "sgd": [
+        "train.scheduler.name=step",
+        "train.scheduler.step_size=1",
+        "train.scheduler.gamma=0.5",
+    ],
+}
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_a_captured_optimizer_step_trains_as_the_eager_step_does(
+    mnist, tmp_path: Path, optimizer: str
+) -> None:
+    data = subset(mnist, 2100)
+    settings = [f"train.optimizer.name={optimizer}", *SCHEDULES[optimizer]]
+    eager_result, eager, eager_ckpt = run_traced(
+        exact(*settings, "train.cuda_graphs=false"), data, tmp_path / "eager"
+    )
+    result, captured, ckpt = run_traced(
+        exact(*settings, "train.cuda_graphs_optimizer=true"), data, tmp_path / "captured"
+    )
+    # Every full batch after the three warm-up steps was one replay, the update included.
+    assert captured.ran == {
+        "captured": True,
+        "replays": STEPS - 4 - 3,
+        "recaptures": 0,
+        "optimizer_in_graph": True,
+    }
+    assert eager.ran["optimizer_in_graph"] is False
+    assert (
+        eager_result.metrics["cuda_graphs_optimizer"],
+        result.metrics["cuda_graphs_optimizer"],
+    ) == (
+        False,
+        True,
+    )
+    assert len(eager.states) == len(captured.states) == STEPS
+    assert captured.global_steps == eager.global_steps == list(range(1, STEPS + 1))
+    assert captured.lrs == eager.lrs and len(set(eager.lrs)) >= 4  # a new rate each epoch
+    worst = 0.0
+    for step, (a, b) in enumerate(zip(eager.states, captured.states, strict=True)):
+        worst = max(worst, float((a - b).abs().max()))
+        torch.testing.assert_close(
+            b, a, rtol=1e-5, atol=1e-6, msg=lambda m, s=step: f"step {s}: {m}"
+        )
+    print(f"{optimizer}: largest weight difference over {STEPS} steps {worst:.3g}")
+    assert ckpt["global_step"] == eager_ckpt["global_step"] == STEPS
+    assert_same_training_state(eager_ckpt, ckpt, rtol=1e-5, atol=1e-6)
+    for a, b in zip(eager_result.curves, result.curves, strict=True):
+        assert a["lr"] == b["lr"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["val_acc"] == b["val_acc"]
+
+
+def test_a_run_with_a_captured_optimizer_resumes_exactly(mnist, tmp_path: Path) -> None:
+    """Stopped after 2 of 4 epochs and resumed from last.ckpt in a new Trainer: the update's
+    state (moments, the step counters on the device, the schedule) carries over, and the end
+    is the uninterrupted run's."""
+
+    class StopAfter(Callback):
+        def on_train_epoch_end(self, trainer, module) -> None:
+            if trainer.current_epoch == 1:
+                trainer.should_stop = True
+
+    data = subset(mnist, 2100)
+    config = exact(
+        "train.optimizer.name=adamw", *SCHEDULES["adamw"], "train.cuda_graphs_optimizer=true"
+    )
+    _, whole, whole_ckpt = run_traced(config, data, tmp_path / "whole")
+    first = train(config, data, tmp_path / "first", callbacks=[StopAfter()])
+    halfway = torch.load(first.last_checkpoint, map_location="cpu", weights_only=True)
+    assert halfway["global_step"] == STEPS // 2
+    steps = [s["step"] for s in halfway["optimizer_states"][0]["state"].values()]
+    assert all(s.dtype == torch.float32 and float(s) == STEPS // 2 for s in steps)
+    result, resumed, ckpt = run_traced(
+        config, data, tmp_path / "resumed", resume=first.last_checkpoint
+    )
+    # The resumed half warms up, captures and replays as the first half did.
+    assert resumed.ran == {
+        "captured": True,
+        "replays": STEPS // 2 - 2 - 3,
+        "recaptures": 0,
+        "optimizer_in_graph": True,
+    }
+    assert resumed.global_steps == whole.global_steps[STEPS // 2 :]
+    assert resumed.lrs == whole.lrs[STEPS // 2 :]
+    for a, b in zip(whole.states[STEPS // 2 :], resumed.states, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    assert_same_training_state(whole_ckpt, ckpt, rtol=1e-6, atol=1e-7)
+    assert len(result.curves) == 4
+
+
+def test_the_optimizer_step_stays_eager_where_a_graph_cannot_follow_it(
+    mnist, tmp_path: Path
+) -> None:
+    from cnnops.errors import ConfigError
+
+    class GradientNorm(Callback):  # reads gradients between backward and the update
+        def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+            self.norm = torch.stack([p.grad.norm() for p in module.parameters()]).norm()
+
+    data = subset(mnist, 2100)
+    one = ["train.max_epochs=1", "train.cuda_graphs_optimizer=auto"]
+    # onecycle cycles Adam's beta1 every step; a graph would keep the first value.
+    _, trace, _ = run_traced(exact(*one, "train.scheduler.name=onecycle"), data, tmp_path / "a")
+    assert trace.ran["captured"] and not trace.ran["optimizer_in_graph"]
+    trace = Trace()
+    config = exact(*one, "train.scheduler.name=cosine")
+    train(config, data, tmp_path / "b", callbacks=[trace, GradientNorm()])
+    assert trace.ran["captured"] and not trace.ran["optimizer_in_graph"]
+    insist = exact(
+        "train.max_epochs=1", "train.cuda_graphs_optimizer=true", "train.scheduler.name=cosine"
+    )
+    with pytest.raises(ConfigError, match=r"cuda_graphs_optimizer = true: GradientNorm inspect"):
+        train(insist, data, tmp_path / "c", callbacks=[GradientNorm()])

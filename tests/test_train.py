@@ -119,6 +119,26 @@ def test_cuda_graphs_true_without_a_cuda_device_names_the_key(
     assert not (workdir / "ckpt").exists()
 
 
+def test_a_captured_optimizer_step_without_a_captured_step_names_the_key(
+    workdir: Path, digits: prepare.Prepared
+) -> None:
+    from cnnops.errors import ConfigError
+
+    config = tiny(workdir, "train.accelerator=cpu", "train.cuda_graphs_optimizer=true")
+    with pytest.raises(
+        ConfigError, match=r"train\.cuda_graphs_optimizer = true: the training step is not captured"
+    ):
+        train(config, digits, workdir / "ckpt")
+    assert not (workdir / "ckpt").exists()
+    # auto: the optimizer steps eagerly wherever the training step does.
+    result = train(
+        tiny(workdir, "train.max_epochs=1", "train.cuda_graphs_optimizer=auto"),
+        digits,
+        workdir / "auto",
+    )
+    assert result.metrics["cuda_graphs"] is False and result.metrics["epochs_run"] == 1
+
+
 def test_a_rerun_with_augmentation_replaces_its_own_output(
     workdir: Path, digits: prepare.Prepared
 ) -> None:

@@ -295,9 +295,41 @@ class Train(Section):
     cuda_graphs: bool | Literal["auto"] = "auto"
     """Replay each training step's forward and backward pass from a CUDA graph. auto: on for one
     CUDA device without torch.compile or 16-mixed precision; true insists (an error elsewhere)."""
+    cuda_graphs_optimizer: bool | Literal["auto"] = False
+    """Capture the optimizer step in that graph too (torch's fused Adam/AdamW/SGD update, the
+    learning rate read from a device tensor the schedule's value is copied into before each
+    step). auto: wherever the training step is captured, the schedule changes only the learning
+    rate (not onecycle, which cycles the momentum every step) and nothing inspects gradients
+    between backward and the update; eager elsewhere. true insists (an error elsewhere)."""
     channels_last: bool = True
     """NHWC memory format for convolutions on CUDA (tensor-core friendly)."""
     label_smoothing: Fraction = 0.0
+
+    @field_validator("cuda_graphs", "cuda_graphs_optimizer", mode="wrap")
+    @classmethod
+    def _true_false_or_auto(cls, value: Any, handler: Callable[[Any], Any]) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError("expected true, false or auto") from None
+
+    @model_validator(mode="after")
+    def _captured_optimizer_needs_a_captured_step(self) -> Train:
+        if self.cuda_graphs_optimizer is not True:
+            return self
+        shown = "train.cuda_graphs_optimizer = true"
+        if self.cuda_graphs is False:
+            raise ValueError(
+                f"{shown}: the optimizer step is captured with the training step, which "
+                "train.cuda_graphs = false keeps eager; use auto or false"
+            )
+        if self.scheduler.name == "onecycle":
+            raise ValueError(
+                f"{shown}: train.scheduler.name = 'onecycle' changes the momentum every step, "
+                "which a captured optimizer step cannot follow; use auto (eager under onecycle) "
+                "or a cosine, step or no schedule"
+            )
+        return self
 
 
 class Transform(Section):

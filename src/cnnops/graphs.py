@@ -4,7 +4,8 @@ A small network on a fast GPU spends most of a step launching kernels from Pytho
 of the MNIST seed CNN at batch 512 is a fraction of a millisecond, the launches take several.
 Replaying a captured graph launches the whole augment → normalize → forward → loss → backward
 sequence at once. The optimizer step stays eager (one fused kernel), so learning-rate schedules,
-Lightning's optimizer hooks and checkpoints see an ordinary optimizer.
+Lightning's optimizer hooks and checkpoints see an ordinary optimizer; or, with a
+`GraphedOptimizer`, its update is captured too and a step is one replay.
 
 What the captured function may do is what CUDA graphs allow: no host synchronization, the same
 shapes on every call, random numbers from the default generator or from `generators` (which are
@@ -13,8 +14,10 @@ registered with the graph, so every replay draws fresh numbers).
 
 from __future__ import annotations
 
+import types
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -39,12 +42,14 @@ class CapturedStep:
         warmup: int = 3,
         generators: Callable[[], Sequence[torch.Generator]] = tuple,
         required: bool = False,
+        key: str = "train.cuda_graphs",
     ) -> None:
         self.fn, self.module, self.warmup, self.generators = fn, module, warmup, generators
-        self.required = required
+        self.required, self.key = required, key
         self.failed: str | None = None
-        """Why capture failed; the step then runs eagerly (unless `required`: then it raises)."""
-        self.calls = self.recaptures = 0
+        """Why capture failed; the step then runs eagerly (unless `required`: then it raises,
+        naming the setting `key` that required it)."""
+        self.calls = self.recaptures = self.replays = 0
         self.grads: list[torch.Tensor | None] = []
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -53,6 +58,12 @@ class CapturedStep:
     @property
     def captured(self) -> bool:
         return self.graph is not None
+
+    def release(self) -> None:
+        """Drop the graph: the next calls warm up and capture again (a new optimizer's state)."""
+        self.graph = self.static = self.loss = None
+        self.grads = []
+        self.calls = 0
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.calls += 1
@@ -70,6 +81,7 @@ class CapturedStep:
                 sx.copy_(x)
                 sy.copy_(y)
                 self.graph.replay()
+                self.replays += 1
                 return self.loss
             # Something released the gradients (zero_grad(set_to_none=True)): the optimizer
             # would no longer see what the graph writes. Capture again around new ones.
@@ -100,7 +112,7 @@ class CapturedStep:
             self.failed = (str(e).splitlines() or [type(e).__name__])[0]
             if self.required:
                 raise ConfigError(
-                    f"train.cuda_graphs = true: the step cannot be captured ({self.failed}); "
+                    f"{self.key} = true: the step cannot be captured ({self.failed}); "
                     "use auto or false"
                 ) from e
             warnings.warn(
@@ -113,6 +125,7 @@ class CapturedStep:
         self.graph = graph
         self.grads = [p.grad for p in self.module.parameters()]
         graph.replay()  # capturing records the work without running it
+        self.replays += 1
         return self.loss
 
     def _release_generators(self) -> None:
@@ -129,3 +142,91 @@ class CapturedStep:
         # Before capture each step allocates fresh gradients: the captured backward must own them.
         for p in self.module.parameters():
             p.grad = None
+
+
+class GraphedOptimizer:
+    """`optimizer`'s update, made to run inside a `CapturedStep`: the captured function ends with
+    `update()`, and a training step is one replay, the optimizer's kernels included.
+
+    - Learning rates: each param group keeps its float `lr`, so schedulers, checkpoints and logs
+      see what eager training shows them. The update reads the rate from a device tensor per
+      group instead, which `sync()` (called before every step, outside the graph) refills
+      whenever the group's rate changed: what a scheduler sets reaches every replay.
+    - The other hyperparameters (betas, momentum, weight decay) are baked into the graph when it
+      is captured; `sync()` raises if one changes afterwards (OneCycleLR's momentum cycling)
+      rather than train with a stale value.
+    - The update itself is torch's fused kernel (Adam, AdamW, SGD), which reads a tensor rate
+      and the per-parameter `step` counters on the device: no host synchronization.
+    - `optimizer.step(closure)`, which Lightning calls, only runs the closure (the captured
+      step, which updates). Its optimizer hooks still run around it; `on_before_optimizer_step`
+      then sees the gradients after the update, which is why the caller keeps the update eager
+      when anything overrides that hook.
+    """
+
+    SUPPORTED = (torch.optim.Adam, torch.optim.SGD)  # AdamW is an Adam
+    _RUNTIME_KEYS = frozenset({"lr", "foreach", "fused", "capturable", "differentiable"})
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        if not isinstance(optimizer, self.SUPPORTED):
+            raise TypeError(f"{type(optimizer).__name__}: no capturable fused update")
+        self.optimizer = optimizer
+        groups = optimizer.param_groups
+        self.device = device = groups[0]["params"][0].device
+        self.rates = [float(g["lr"]) for g in groups]
+        self.lrs = [torch.tensor(r, dtype=torch.float32, device=device) for r in self.rates]
+        self._keys = sorted(set(optimizer.defaults) - self._RUNTIME_KEYS)
+        self.baked: list[dict[str, Any]] | None = None
+        """The hyperparameters the captured update was recorded with (None before capture)."""
+        # An instance attribute, set before any scheduler wraps `step` (as schedulers do).
+        optimizer.step = types.MethodType(_run_closure, optimizer)  # type: ignore[method-assign]
+
+    def hyperparameters(self) -> list[dict[str, Any]]:
+        return [{k: g[k] for k in self._keys if k in g} for g in self.optimizer.param_groups]
+
+    def sync(self) -> None:
+        """Bring the update's learning-rate tensors up to the groups' rates (before a step)."""
+        for i, group in enumerate(self.optimizer.param_groups):
+            rate = group["lr"]
+            if rate != self.rates[i]:
+                self.lrs[i].fill_(rate)
+                self.rates[i] = float(rate)
+        if self.baked is not None and self.hyperparameters() != self.baked:
+            raise RuntimeError(
+                "an optimizer hyperparameter other than the learning rate changed after the "
+                f"optimizer step was captured ({self.baked} -> {self.hyperparameters()}); "
+                "keep the optimizer step eager for this schedule"
+            )
+
+    def update(self) -> None:
+        """The optimizer's update, eager or being captured: the fused kernel with tensor rates."""
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        changes: dict[str, Any] = {"fused": True}
+        if capturing and isinstance(self.optimizer, torch.optim.Adam):
+            changes["capturable"] = True  # Adam refuses capture otherwise; fused ignores it
+        groups = self.optimizer.param_groups
+        saved = [{k: g[k] for k in (*changes, "lr") if k in g} for g in groups]
+        try:
+            for group, lr in zip(groups, self.lrs, strict=True):
+                group.update(changes, lr=lr)
+            # The class's step: the instance's is `_run_closure` (wrapped by any scheduler).
+            type(self.optimizer).step(self.optimizer)  # type: ignore[arg-type]
+        finally:
+            for group, before in zip(groups, saved, strict=True):
+                for k in (*changes, "lr"):
+                    if k in before:
+                        group[k] = before[k]
+                    else:
+                        del group[k]
+        if capturing:
+            self.baked = self.hyperparameters()
+
+
+def _run_closure(optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None = None) -> Any:
+    """`step` of an optimizer whose update runs inside the captured training step: the closure."""
+    if closure is None:
+        raise RuntimeError(
+            f"this {type(optimizer).__name__} updates inside the captured training step; "
+            "step() takes the closure that runs it"
+        )
+    with torch.enable_grad():
+        return closure()

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from cnnops.config import Train, Zoo, parse_model
-from cnnops.graphs import CapturedStep
+from cnnops.errors import ConfigError
+from cnnops.graphs import CapturedStep, GraphedOptimizer
 from cnnops.models import build_model, net_input_size
 
 AUX_WEIGHT = 0.4
@@ -48,6 +49,9 @@ class Classifier(L.LightningModule):
         self.register_buffer("shift", -mean_t / std_t, persistent=False)
         self.gpu_augment: torch.nn.Module | None = None
         self.graph_step: CapturedStep | None = None
+        self.graph_optimizer: GraphedOptimizer | None = None
+        """Set when the optimizer step is captured with the training step (see
+        `train.cuda_graphs_optimizer`); None: the optimizer steps eagerly."""
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
 
@@ -55,13 +59,62 @@ class Classifier(L.LightningModule):
         """Train with the forward and backward pass replayed from a CUDA graph (see
         `cnnops.graphs`). Optimization turns manual: `training_step` drives the optimizer."""
         augment = self.gpu_augment
+        t = self.train_spec
         self.graph_step = CapturedStep(
-            self._forward_backward,
+            self._captured_step,
             self,
             generators=getattr(augment, "generators", tuple),
-            required=self.train_spec.cuda_graphs is True,
+            required=t.cuda_graphs is True or t.cuda_graphs_optimizer is True,
+            key="train.cuda_graphs" if t.cuda_graphs is True else "train.cuda_graphs_optimizer",
         )
         self.automatic_optimization = False
+
+    def optimizer_capture_blocker(self) -> str | None:
+        """Why this run's optimizer step cannot be captured with its training step (None: it
+        can). Needs the trainer: its callbacks and settings decide too."""
+        t = self.train_spec
+        if self.graph_step is None:
+            return (
+                "the training step is not captured in this run (train.cuda_graphs is false or "
+                "does not apply: no single CUDA device, train.compile, 16-mixed or unfreeze_epoch)"
+            )
+        if t.scheduler.name == "onecycle":
+            return (
+                "train.scheduler.name = 'onecycle' changes the momentum every step, which a "
+                "captured step cannot follow"
+            )
+        trainer = self.trainer
+        if trainer.gradient_clip_val or trainer.accumulate_grad_batches != 1:
+            return "gradient clipping or accumulation acts between backward and the update"
+        from lightning.pytorch.callbacks import Callback
+        from lightning.pytorch.utilities.model_helpers import is_overridden
+
+        hooked = [
+            type(c).__name__
+            for c in trainer.callbacks  # type: ignore[attr-defined]
+            if is_overridden("on_before_optimizer_step", c, Callback)
+        ]
+        if is_overridden("on_before_optimizer_step", self, L.LightningModule):
+            hooked.append(type(self).__name__)
+        if hooked:
+            return f"{', '.join(hooked)} inspect(s) gradients before the update"
+        return None
+
+    def _graphed_optimizer(self, optimizer: torch.optim.Optimizer) -> GraphedOptimizer | None:
+        """`optimizer` prepared to update inside the captured step, when
+        `train.cuda_graphs_optimizer` asks for it and it applies; true where it cannot is a
+        ConfigError naming the reason."""
+        setting = self.train_spec.cuda_graphs_optimizer
+        if setting is False:
+            return None
+        why = self.optimizer_capture_blocker()
+        if why is None:
+            assert self.graph_step is not None
+            self.graph_step.release()  # a graph of an earlier fit holds another optimizer's state
+            return GraphedOptimizer(optimizer)
+        if setting is True:
+            raise ConfigError(f"train.cuda_graphs_optimizer = true: {why}; use auto or false")
+        return None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Random states ride in the checkpoint, so a resumed run draws what an uninterrupted
@@ -206,6 +259,10 @@ class Classifier(L.LightningModule):
         graph_step = self.graph_step
         optimizer = self.optimizers()
         assert not isinstance(optimizer, list)
+        if self.graph_optimizer is not None:
+            self.graph_optimizer.sync()  # the rates the schedule set, into the graph's tensors
+        # With a graphed optimizer the closure also updates (in the graph) and step() only runs
+        # it; Lightning counts the step and runs its optimizer hooks either way.
         optimizer.step(closure=lambda: graph_step(x, y))
         # Manual optimization steps the schedule itself, where Lightning would: after each
         # step, or after an epoch's last one (before the epoch-end hooks read the rate).
@@ -221,6 +278,14 @@ class Classifier(L.LightningModule):
             super().on_validation_model_zero_grad()
         else:
             self.zero_grad(set_to_none=False)
+
+    def _captured_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """What `graph_step` captures: forward and backward, and the update when the optimizer
+        step is captured too."""
+        loss = self._forward_backward(x, y)
+        if self.graph_optimizer is not None:
+            self.graph_optimizer.update()
+        return loss
 
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The captured part of a training step: uint8 batch in, gradients and loss out."""
@@ -271,6 +336,8 @@ class Classifier(L.LightningModule):
             optimizer = torch.optim.Adam(groups, lr=base_lr, fused=fused)
         else:
             optimizer = torch.optim.AdamW(groups, lr=base_lr, fused=fused)
+        # Before the scheduler: it wraps the optimizer's step, which this replaces.
+        self.graph_optimizer = self._graphed_optimizer(optimizer)
         scheduler = self._scheduler(optimizer)
         if scheduler is None:
             return optimizer
