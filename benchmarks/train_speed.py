@@ -97,13 +97,28 @@ def summarize(name: str, epoch_times: list[float], accs: list[float], n: int, de
     return result
 
 
+def augment(images: torch.Tensor) -> torch.Tensor:
+    """Random translate by up to SHIFT of the side per axis, bilinear, zero fill."""
+    theta = torch.zeros(len(images), 2, 3, device=images.device)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1
+    theta[:, :, 2] = (torch.rand(len(images), 2, device=images.device) * 2 - 1) * SHIFT * 2
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, align_corners=False)
+
+
+def resident(data: Prepared, device) -> tuple[torch.Tensor, ...]:
+    """The train and test images and labels, on `device` as uint8 and int64."""
+    return tuple(
+        torch.from_numpy(getattr(data, field)[split]).to(device)
+        for split in ("train", "test")
+        for field in ("x", "y")
+    )
+
+
 def raw_loop(config: Config, data: Prepared, args, device) -> dict:
     """The anchor, written plainly: resident uint8 data, index batches, batched translate."""
     torch.manual_seed(0)
-    x = torch.from_numpy(data.x["train"]).to(device)
-    y = torch.from_numpy(data.y["train"]).to(device)
-    xt = torch.from_numpy(data.x["test"]).to(device)
-    yt = torch.from_numpy(data.y["test"]).to(device)
+    x, y, xt, yt = resident(data, device)
     mean, std = data.mean[0], data.std[0]
     model = build_model(config.model, 1, 10, 28).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=config.train.optimizer.lr, weight_decay=1e-4)
@@ -111,14 +126,6 @@ def raw_loop(config: Config, data: Prepared, args, device) -> dict:
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, config.train.optimizer.lr, total_steps=steps * args.epochs
     )
-
-    def augment(xb: torch.Tensor) -> torch.Tensor:
-        # Random translate by up to SHIFT of the side per axis, bilinear, zero fill.
-        theta = torch.zeros(len(xb), 2, 3, device=device)
-        theta[:, 0, 0] = theta[:, 1, 1] = 1
-        theta[:, :, 2] = (torch.rand(len(xb), 2, device=device) * 2 - 1) * SHIFT * 2
-        grid = F.affine_grid(theta, list(xb.shape), align_corners=False)
-        return F.grid_sample(xb, grid, align_corners=False)
 
     def norm(xb: torch.Tensor) -> torch.Tensor:
         return (xb.float() / 255 - mean) / std
@@ -152,10 +159,7 @@ def graphed_loop(config: Config, data: Prepared, args, device) -> dict:
     import warnings
 
     torch.manual_seed(0)
-    x = torch.from_numpy(data.x["train"]).to(device)
-    y = torch.from_numpy(data.y["train"]).to(device)
-    xt = torch.from_numpy(data.x["test"]).to(device)
-    yt = torch.from_numpy(data.y["test"]).to(device)
+    x, y, xt, yt = resident(data, device)
     mean, std = data.mean[0], data.std[0]
     model = build_model(config.model, 1, 10, 28).to(device, memory_format=torch.channels_last)
     peak = config.train.optimizer.lr
@@ -169,13 +173,6 @@ def graphed_loop(config: Config, data: Prepared, args, device) -> dict:
     )
     xb = torch.empty((args.batch_size, *x.shape[1:]), dtype=x.dtype, device=device)
     yb = torch.empty(args.batch_size, dtype=y.dtype, device=device)
-
-    def augment(images: torch.Tensor) -> torch.Tensor:
-        theta = torch.zeros(len(images), 2, 3, device=device)
-        theta[:, 0, 0] = theta[:, 1, 1] = 1
-        theta[:, :, 2] = (torch.rand(len(images), 2, device=device) * 2 - 1) * SHIFT * 2
-        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-        return F.grid_sample(images, grid, align_corners=False)
 
     def norm(images: torch.Tensor) -> torch.Tensor:
         return (images.float() / 255 - mean) / std

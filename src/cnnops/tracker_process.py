@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cnnops.errors import CnnopsError
-from cnnops.tracking import TrackingError
+from cnnops.tracking import ClosesRun, TrackingError
 
 if TYPE_CHECKING:
     from cnnops.config import Mlflow
 
 
-class TrackerProcess:
+class TrackerProcess(ClosesRun):
     """A `Tracker` whose MLflow calls run in a child process started on construction."""
 
     def __init__(self, cfg: Mlflow) -> None:
@@ -109,18 +109,6 @@ class TrackerProcess:
         except subprocess.TimeoutExpired:  # stuck on a server that does not answer
             self._process.kill()
             self._process.wait()
-
-    def __enter__(self) -> TrackerProcess:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
-        from cnnops.runs import Interrupted
-
-        if kind is None:
-            self.close("FINISHED")
-            return
-        with contextlib.suppress(TrackingError):  # the block's own exception says more
-            self.close("KILLED" if issubclass(kind, Interrupted) else "FAILED")
 
     def _tell(self, name: str, *args: Any) -> None:
         """Send a call without waiting; a failure comes back with the next `_ask`."""

@@ -17,7 +17,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from cnnops.errors import CnnopsError
 
@@ -290,7 +290,27 @@ def experiment_id(c: MlflowClient, cfg: Mlflow) -> str:
         return c.get_experiment_by_name(cfg.experiment).experiment_id  # type: ignore[union-attr]
 
 
-class MlflowTracker:
+class ClosesRun:
+    """As a context manager, a tracker closes its run FINISHED, KILLED when a signal stopped the
+    block (`runs.Interrupted`), or FAILED; a failure to close then yields to the block's own."""
+
+    def close(self, status: str = "FINISHED") -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        from cnnops.runs import Interrupted
+
+        if kind is None:
+            self.close("FINISHED")
+            return
+        with contextlib.suppress(TrackingError):  # the block's own exception says more
+            self.close("KILLED" if issubclass(kind, Interrupted) else "FAILED")
+
+
+class MlflowTracker(ClosesRun):
     """One MLflow run; metrics and images go out asynchronously and are flushed on `close`, and
     system metrics (CPU, memory, GPU) are sampled every second while it is open. As a context
     manager it closes the run FINISHED, KILLED when a signal stopped the block, or FAILED.
@@ -338,18 +358,6 @@ class MlflowTracker:
                 return False
             raise
         return True
-
-    def __enter__(self) -> MlflowTracker:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
-        from cnnops.runs import Interrupted
-
-        if kind is None:
-            self.close("FINISHED")
-            return
-        with contextlib.suppress(TrackingError):  # the block's own exception says more
-            self.close("KILLED" if issubclass(kind, Interrupted) else "FAILED")
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> None:
         """Call the store; when it is down, keep the call for `close` to replay."""
