@@ -66,3 +66,18 @@ def test_train_writes_its_phase_timings_and_metrics_on_the_way_out(
     for name in ("config", "import", "mlflow: open", "trainer setup", "fit", "mlflow: close"):
         assert name in phases, phases
     assert all(p["begin"] <= p["end"] <= record["exit"] for p in record["phases"])
+
+
+@pytest.mark.slow
+def test_a_store_that_cannot_be_opened_is_one_line_and_exit_2(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cnnops("fetch", cwd=workdir, check=True)
+    cnnops("prepare", cwd=workdir, check=True)
+    bad = f"sqlite:///{workdir / 'params.yaml'}/mlflow.db"  # under a file
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    done = cnnops("train", *set_args(f"mlflow.tracking_uri={bad}"), cwd=workdir)
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert lines[0].startswith(f"cnnops train: error: mlflow.tracking_uri = {bad}: the MLflow")

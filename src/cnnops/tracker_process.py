@@ -167,8 +167,8 @@ def _main(calls_fd: int, answers_fd: int) -> None:
                 try:
                     client = tracking.client(cfg)  # imports MLflow, opens (or creates) the store
                     tracking.experiment_id(client, cfg)
-                except Exception as e:
-                    warm_up = e  # answered when the run is opened
+                except Exception as e:  # answered when the run is opened
+                    warm_up = e if tracking.refusal(e) else _unopened(cfg, e)
             elif name == "open":
                 if warm_up is not None:
                     raise warm_up
@@ -214,6 +214,15 @@ def _leave() -> None:
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
     os._exit(0)
+
+
+def _unopened(cfg: Mlflow, error: Exception) -> TrackingError:
+    from cnnops.tracking import first_line, uri_source
+
+    return TrackingError(
+        f"{uri_source(cfg)}: the MLflow store cannot be opened ({first_line(error)}); give a "
+        "store this machine can create or reach"
+    )
 
 
 def _portable(error: Exception) -> tuple[str, str]:

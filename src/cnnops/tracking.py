@@ -49,7 +49,8 @@ def first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0][:200] if lines else ''}".rstrip(": ")
 
 
-def _uri_source(cfg: Mlflow) -> str:
+def uri_source(cfg: Mlflow) -> str:
+    """Where the store's URI comes from, and the URI (passwords masked): the culprit's name."""
     from cnnops.team import mask
 
     if os.environ.get("MLFLOW_TRACKING_URI"):
@@ -120,7 +121,7 @@ def check_reachable(cfg: Mlflow, timeout: float = 4.0) -> None:
         assert error is not None
         reason = getattr(error, "reason", error)
         raise TrackingError(
-            f"{_uri_source(cfg)}: the MLflow tracking server does not answer ({reason}); start "
+            f"{uri_source(cfg)}: the MLflow tracking server does not answer ({reason}); start "
             "it, or unset MLFLOW_TRACKING_URI to use the embedded store"
         )
     _check_credentials(uri, cfg, timeout)
@@ -147,7 +148,7 @@ def _check_credentials(uri: str, cfg: Mlflow, timeout: float) -> None:
     except urllib.error.HTTPError as e:
         if e.code == 401:
             raise TrackingError(
-                _refused_credentials(f"{_uri_source(cfg)}: the MLflow server")
+                _refused_credentials(f"{uri_source(cfg)}: the MLflow server")
             ) from None
     except OSError:
         return  # answering /health but not this: the stage's own calls will say more
@@ -452,7 +453,7 @@ class MlflowTracker(ClosesRun):
             self.client.set_terminated(self.run_id, status)
         except Exception as e:
             raise TrackingError(
-                f"{_uri_source(self.cfg)}: MLflow run {self.run_id} is incomplete: the server "
+                f"{uri_source(self.cfg)}: MLflow run {self.run_id} is incomplete: the server "
                 f"went away ({first_line(e)}); the stage's outputs are kept, rerun it when the "
                 "server is back"
             ) from None
