@@ -27,6 +27,8 @@ NOT_TRAINING = {
     "cnnops.team",  # masks passwords in messages: nothing a model depends on
     "cnnops.progress",  # progress bars on a terminal
     "cnnops.epoch_images",  # per-epoch pictures for MLflow, drawn in eval mode without grad
+    "cnnops.tracker_process",  # MLflow calls, from a process of their own
+    "cnnops.timings",  # how long each phase of a command took
 }
 
 

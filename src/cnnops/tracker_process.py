@@ -21,8 +21,10 @@ import os
 import queue
 import subprocess
 import sys
+import tempfile
 import threading
 import traceback
+from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -158,18 +160,21 @@ def _main(calls_fd: int, answers_fd: int) -> None:
     warm_up: Exception | None = None
     tracker: tracking.MlflowTracker | None = None
     failure: tuple[str, str] | None = None
+    held = bytearray()
     while (call := inbox.get()) is not None:  # None: the training process is gone
         name, args, wants_answer = call
         result = None
         try:
             if name == "start":
                 (cfg,) = args
-                try:
-                    client = tracking.client(cfg)  # imports MLflow, opens (or creates) the store
-                    tracking.experiment_id(client, cfg)
-                except Exception as e:  # answered when the run is opened
-                    warm_up = e if tracking.refusal(e) else _unopened(cfg, e)
+                with _held_stderr() as held:  # shown once a run is opened, not before
+                    try:
+                        client = tracking.client(cfg)  # imports MLflow, opens the store
+                        tracking.experiment_id(client, cfg)
+                    except Exception as e:  # answered when the run is opened
+                        warm_up = e if tracking.refusal(e) else _unopened(cfg, e)
             elif name == "open":
+                os.write(2, bytes(held))  # e.g. MLflow creating the store's tables
                 if warm_up is not None:
                     raise warm_up
                 run_name, tags, run_id = args
@@ -193,6 +198,25 @@ def _main(calls_fd: int, answers_fd: int) -> None:
     if tracker is not None:  # left without `close`: what was sent goes out, the run stays open
         tracker.flush()
     _leave()
+
+
+@contextlib.contextmanager
+def _held_stderr() -> Iterator[bytearray]:
+    """Standard error of the block, kept and handed back as bytes after it: a command that
+    fails before it opens a run prints only its own line, not what MLflow said warming up."""
+    out = bytearray()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield out
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            out += held.read()
 
 
 def _read(calls: Connection, inbox: queue.SimpleQueue[Any]) -> None:
