@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -115,6 +116,14 @@ def resident(data: Prepared, device) -> tuple[torch.Tensor, ...]:
     )
 
 
+def shuffled_batches(n: int, batch_size: int, device) -> Iterator[torch.Tensor]:
+    """One epoch's batches of indices into `n` images, reshuffled on `device`; the partial
+    last batch is dropped, as the loops' step counts assume."""
+    perm = torch.randperm(n, device=device)
+    for i in range(n // batch_size):
+        yield perm[i * batch_size : (i + 1) * batch_size]
+
+
 def raw_loop(config: Config, data: Prepared, args, device) -> dict:
     """The anchor, written plainly: resident uint8 data, index batches, batched translate."""
     torch.manual_seed(0)
@@ -134,9 +143,7 @@ def raw_loop(config: Config, data: Prepared, args, device) -> dict:
     for _ in range(args.epochs):
         sync(device)
         start = time.perf_counter()
-        perm = torch.randperm(len(y), device=device)
-        for i in range(steps):
-            idx = perm[i * args.batch_size : (i + 1) * args.batch_size]
+        for idx in shuffled_batches(len(y), args.batch_size, device):
             with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
                 loss = F.cross_entropy(model(norm(augment(x[idx].float()))), y[idx])
             opt.zero_grad(set_to_none=True)
@@ -190,9 +197,7 @@ def graphed_loop(config: Config, data: Prepared, args, device) -> dict:
     for epoch in range(args.epochs):
         sync(device)
         start = time.perf_counter()
-        perm = torch.randperm(len(y), device=device)
-        for i in range(steps):
-            idx = perm[i * args.batch_size : (i + 1) * args.batch_size]
+        for i, idx in enumerate(shuffled_batches(len(y), args.batch_size, device)):
             torch.index_select(x, 0, idx, out=xb)
             torch.index_select(y, 0, idx, out=yb)
             if graph is not None:

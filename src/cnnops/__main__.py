@@ -11,9 +11,6 @@ ends the process with the command's exit status.
 from __future__ import annotations
 
 import atexit
-import contextlib
-import os
-import sys
 
 _status = 0
 
@@ -44,12 +41,9 @@ def _exit_status(code: object) -> int:
 
 
 def _leave() -> None:
-    if "logging" in sys.modules:  # its own handler may have been registered before ours
-        sys.modules["logging"].shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # closed, or a closed pipe
-            stream.flush()
-    os._exit(_status)
+    from cnnops.runs import exit_now  # flushes logging too: its handler may precede ours
+
+    exit_now(_status)
 
 
 if __name__ == "__main__":

@@ -66,18 +66,16 @@ class TrackerProcess(ClosesRun):
         self, run_name: str, tags: dict[str, str] | None = None, run_id: str | None = None
     ) -> TrackerProcess:
         """Create the run, or reopen `run_id` where the store holds it (see `MlflowTracker`)."""
-        plain = {str(k): str(v) for k, v in (tags or {}).items()}
-        self.run_id = self._ask("open", run_name, plain, run_id)
+        self.run_id = self._ask("open", run_name, _plain(tags or {}), run_id)
         return self
 
     def end_run(self, run_id: str, status: str, tags: dict[str, str]) -> None:
         """`tracking.end_run` on another run of the store, from the child."""
-        self._ask("end_run", run_id, status, {str(k): str(v) for k, v in tags.items()})
+        self._ask("end_run", run_id, status, _plain(tags))
 
-    # Plain values only cross the pipe: a str subclass such as torch's version would make the
-    # child import torch to read it, a second's work competing with the training.
+    # Plain values only cross the pipe (see `_plain`).
     def log_params(self, params: dict[str, Any]) -> None:
-        self._tell("log_params", {str(k): str(v) for k, v in params.items()})
+        self._tell("log_params", _plain(params))
 
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
         plain = {str(k): float(v) for k, v in metrics.items() if isinstance(v, numbers.Real)}
@@ -87,7 +85,7 @@ class TrackerProcess(ClosesRun):
         self._tell("log_image", key, image, step)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._tell("set_tags", {str(k): str(v) for k, v in tags.items()})
+        self._tell("set_tags", _plain(tags))
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         self._ask("log_artifact", Path(path), folder)
@@ -142,6 +140,12 @@ class TrackerProcess(ClosesRun):
         return value
 
 
+def _plain(values: dict[str, Any]) -> dict[str, str]:
+    """Keys and values as plain `str`: a subclass such as torch's version would make the child
+    import torch to unpickle it, a second's work competing with the training."""
+    return {str(k): str(v) for k, v in values.items()}
+
+
 def _main(calls_fd: int, answers_fd: int) -> None:
     """The child: warm MLflow up, then carry out calls in order until `close` or the parent's
     end. A failure is answered at the next call that waits for an answer. A reader thread
@@ -149,6 +153,7 @@ def _main(calls_fd: int, answers_fd: int) -> None:
     import signal
 
     from cnnops import tracking
+    from cnnops.runs import exit_now
 
     os.environ.pop("CNNOPS_TIMINGS", None)  # the phases are the training process's to write
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -197,7 +202,9 @@ def _main(calls_fd: int, answers_fd: int) -> None:
                 break
     if tracker is not None:  # left without `close`: what was sent goes out, the run stays open
         tracker.flush()
-    _leave()
+    # Now, not after Python's teardown: the training process may be waiting to exit itself
+    # (Lightning's DDP launcher kills a rank 0 that outlives its ranks for long).
+    exit_now(0)
 
 
 @contextlib.contextmanager
@@ -226,18 +233,6 @@ def _read(calls: Connection, inbox: queue.SimpleQueue[Any]) -> None:
         except (EOFError, OSError):
             inbox.put(None)
             return
-
-
-def _leave() -> None:
-    """Exit now: the run is closed or flushed, and the training process may be waiting to
-    exit itself (Lightning's DDP launcher kills a rank 0 that outlives its ranks for long)."""
-    import logging
-
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
-            stream.flush()
-    os._exit(0)
 
 
 def _unopened(cfg: Mlflow, error: Exception) -> TrackingError:

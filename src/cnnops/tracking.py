@@ -434,12 +434,6 @@ class MlflowTracker(ClosesRun):
         self._pending.clear()
 
     def close(self, status: str = "FINISHED") -> None:
-        from cnnops.timings import phase
-
-        with phase("mlflow: close"):
-            self._close(status)
-
-    def _close(self, status: str) -> None:
         self.flush()
         if self._sender is not None:
             self._sender.shutdown()

@@ -342,9 +342,8 @@ def train(
         check_placement(t.data_placement, trainer.strategy.root_device.type)
         module = build_module(config, prepared, pretrained=resume is None)
         if t.channels_last and torch.cuda.is_available() and t.accelerator != "cpu":
-            module = module.to(
-                memory_format=torch.channels_last
-            )  # NHWC convolutions on tensor cores
+            # NHWC convolutions on tensor cores
+            module = module.to(memory_format=torch.channels_last)
         if t.compile:
             module.net.compile()  # in place: checkpoint keys stay those of the plain module
         module.gpu_augment = batched_engine(config, prepared)
