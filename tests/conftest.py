@@ -46,6 +46,14 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+@pytest.fixture
+def digits(workdir: Path) -> Path:
+    """A working folder with the embedded digits fetched and prepared."""
+    cnnops("fetch", cwd=workdir, check=True)
+    cnnops("prepare", cwd=workdir, check=True)
+    return workdir
+
+
 @pytest.fixture(scope="session")
 def mnist_mirror() -> Path:
     if not (MNIST_MIRROR / "train-images-idx3-ubyte.gz").is_file():

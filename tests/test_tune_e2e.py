@@ -36,13 +36,6 @@ def sets(*overrides: str) -> list[str]:
     return set_args(*TINY, *overrides)
 
 
-@pytest.fixture
-def digits(workdir: Path) -> Path:
-    cnnops("fetch", cwd=workdir, check=True)
-    cnnops("prepare", cwd=workdir, check=True)
-    return workdir
-
-
 def start_tune(
     folder: Path, overrides: tuple[str, ...], stderr: int = subprocess.DEVNULL
 ) -> subprocess.Popen:

@@ -447,6 +447,9 @@ class Tune(Section):
     study_name: str | None = None
     """Derived from the search space, the trial settings and the data when unset."""
     workers: Annotated[int, Field(ge=1, le=256)] = 1
+    trials_at_once: Annotated[int, Field(ge=1, le=64)] = 1
+    """Trials each worker trains together, fused into one batched model that fills the device
+    (`cnnops.fused`); 1 trains them one at a time."""
     start_from_params: bool = True
     """A new study's first trial runs the levers' own values from params (those inside their
     ranges), so the study's best is never worse than the configuration it starts from."""

@@ -54,6 +54,9 @@ class Classifier(L.LightningModule):
         `train.cuda_graphs_optimizer`); None: the optimizer steps eagerly."""
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
+        self.total_steps: int | None = None
+        """Optimizer steps the run will take, for a per-step schedule when no trainer counts
+        them (trials trained outside Lightning, `cnnops.fused`)."""
 
     def capture_train_step(self) -> None:
         """Train with the forward and backward pass replayed from a CUDA graph (see
@@ -352,7 +355,7 @@ class Classifier(L.LightningModule):
         if sched.name == "step":
             return torch.optim.lr_scheduler.StepLR(optimizer, sched.step_size, sched.gamma)
         if sched.name == "onecycle":
-            steps = int(self.trainer.estimated_stepping_batches)
+            steps = self.total_steps or int(self.trainer.estimated_stepping_batches)
             return torch.optim.lr_scheduler.OneCycleLR(
                 optimizer,
                 max_lr=[g["lr"] for g in optimizer.param_groups],

@@ -103,11 +103,9 @@ def trial_dir(job: Job, number: int) -> Path:
     return job.config.paths.models / "optuna" / job.study / f"trial-{number}"
 
 
-@contextmanager
-def child_run(job: Job, trial: optuna.Trial, params: dict[str, Any]) -> Iterator[Any]:
-    """One MLflow run per trial, nested under the study's run, tagged with how the trial ended."""
-    import optuna
-
+def trial_run(job: Job, trial: optuna.Trial, params: dict[str, Any]) -> Any:
+    """The trial's MLflow run, nested under the study's run (a NullTracker without one), with
+    the lever values as params."""
     from cnnops import tracking
 
     tracker: Any = tracking.NullTracker()
@@ -122,21 +120,30 @@ def child_run(job: Job, trial: optuna.Trial, params: dict[str, Any]) -> Iterator
         )
         trial.set_user_attr("mlflow_run_id", tracker.run_id)
     tracker.log_params({f"hp.{k}": v for k, v in params.items()})
+    return tracker
+
+
+@contextmanager
+def child_run(job: Job, trial: optuna.Trial, params: dict[str, Any]) -> Iterator[Any]:
+    """One MLflow run per trial, nested under the study's run, tagged with how the trial ended."""
+    import optuna
+
+    tracker = trial_run(job, trial, params)
     try:
         yield tracker
     except optuna.TrialPruned:
-        _end(tracker, "pruned", "KILLED")
+        end_run(tracker, "pruned", "KILLED")
         raise
     except runs.Interrupted:
-        _end(tracker, "interrupted", "KILLED")
+        end_run(tracker, "interrupted", "KILLED")
         raise
     except BaseException:
-        _end(tracker, "failed", "FAILED")
+        end_run(tracker, "failed", "FAILED")
         raise
-    _end(tracker, "complete", "FINISHED")
+    end_run(tracker, "complete", "FINISHED")
 
 
-def _end(tracker: Any, state: str, status: str) -> None:
+def end_run(tracker: Any, state: str, status: str) -> None:
     tracker.set_tags({"optuna.state": state})
     tracker.close(status)
 
@@ -321,6 +328,11 @@ def run_worker(job: Job, on_trial: Callable[[optuna.Study], None] | None = None)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // (job.workers * size)))
     study = open_study(job)
     prepared = prepare.load(job.config.paths.prepared)
+    if job.config.tune.trials_at_once > 1:
+        from cnnops import fused
+
+        fused.run(study, job, prepared, on_trial)
+        return
     ranks = Ranks(job, size) if size > 1 else None
     finished = False
     try:

@@ -50,11 +50,13 @@ def tune_stage(config: Config, workers: int | None = None) -> dict[str, Any]:
     SIGTERM/SIGINT stop every worker at a batch boundary; each running trial is failed and
     queued again, and the rerun resumes it from its last checkpoint."""
 
+    from cnnops import fused
     from cnnops.ddp_trials import world_size
 
     tune.quiet()
     runs.die_with_parent()
     world_size(config)  # DDP trials need a number of devices: refused before anything starts
+    fused.check(config)
     with runs.exclusive(config.paths.models / "tune", "cnnops tune"):
         timeout = config.tune.timeout
         job = tune.Job(

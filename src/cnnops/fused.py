@@ -1,0 +1,556 @@
+"""Trials that share the device: `tune.trials_at_once` trials trained together in one process.
+
+    cnnops tune --set tune.trials_at_once=8
+
+A small network leaves most of a GPU idle, and trials in separate processes take turns on it
+rather than share it. Here up to K trials train at once as one batched model (HFTA, Wang et al.,
+MLSys 2021): the nets of one structure run their convolutions as one grouped convolution (a group
+per trial), their linear layers as one batched matrix product, batch norm over the stacked
+channels, and dropout and noise at each trial's own rate. The trials' losses add up, so each
+trial's gradient is its own; each keeps its own optimizer and schedule. All trials see the same
+batches; with augmentation each draws its own views, at its own strength.
+
+Each trial is still the train stage's `Classifier`, built from its params like a trial of its
+own, and its best checkpoint is one `cnnops register` and `cnnops evaluate` read as any other.
+Optuna's ask-and-tell drives the K slots: after every epoch each trial reports its validation
+metric and is pruned, stops early or finishes, and its slot takes the next trial asked.
+
+Differences from trials run one at a time, all within a study's noise: a trial that joins
+mid-study sees the study's epoch order of batches, not its own; its MLflow run has the curves
+but not the per-epoch images; a trial interrupted by a signal or a kill runs again from its
+first epoch (finished trials are kept either way).
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnops import runs, tune
+from cnnops.errors import ConfigError
+from cnnops.models.cnn import GaussianNoise, SeedCNN
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    import optuna
+
+    from cnnops.config import Config
+    from cnnops.data.prepare import Prepared
+    from cnnops.module import Classifier
+
+
+def check(config: Config) -> None:
+    """Refuse, as a one-line ConfigError, settings that `tune.trials_at_once` > 1 cannot fuse."""
+    k = config.tune.trials_at_once
+    if k == 1:
+        return
+    key = f"tune.trials_at_once = {k}"
+    t = config.train
+    why = None
+    if config.model.name != "seed_cnn":
+        why = f"only the seed CNN is fused, and model.name is {config.model.name!r}"
+    elif t.strategy == "ddp":
+        why = "DDP trials (train.strategy = 'ddp') train one at a time"
+    elif t.precision == "16-mixed":
+        why = "16-mixed scales each trial's loss on its own; use bf16-mixed or 32"
+    elif t.compile or t.cuda_graphs is True or t.cuda_graphs_optimizer is True:
+        why = "fused trials run eagerly; set train.compile, cuda_graphs and cuda_graphs_optimizer to false or auto"
+    elif config.augment.transforms:
+        from cnnops.augment import resolve
+        from cnnops.augment_batched import supports
+
+        if config.augment.engine == "albumentations" or not supports(resolve(config.augment)):
+            why = "augmentation must run on the batched engine (augment.engine auto or batched, its transforms only)"
+    if why:
+        raise ConfigError(f"{key}: {why}; or set it to 1")
+
+
+# --- the fused network ----------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    """One layer of a net, with the rate of the dropout that follows it (0: none)."""
+
+    module: nn.Module
+    dropout: float = 0.0
+
+
+def stages(net: SeedCNN) -> list[Stage]:
+    """The seed CNN's layers in order, each dropout folded into the layer before it: nets that
+    differ only in their dropout rates (0 leaves the layer out) line up layer by layer."""
+    out: list[Stage] = []
+    for m in [*net.features, *net.classifier]:
+        if isinstance(m, (nn.Dropout, nn.Dropout2d)):
+            out[-1].dropout = m.p
+        else:
+            out.append(Stage(m))
+    return out
+
+
+def structure(net: SeedCNN) -> tuple[str, ...]:
+    """What must match for nets to run as one: their layers' kinds (batch norm or not)."""
+    return tuple(type(s.module).__name__ for s in stages(net))
+
+
+class FusedNets:
+    """K nets of one structure run as one. Built per epoch: the nets' batch-norm statistics
+    live in stacked buffers meanwhile, written back by `sync()`."""
+
+    def __init__(self, nets: Sequence[SeedCNN]) -> None:
+        self.k = len(nets)
+        self.layers = list(zip(*(stages(n) for n in nets), strict=True))
+        device = next(nets[0].parameters()).device
+        self._rates: dict[tuple[int, str], torch.Tensor] = {}
+        self._stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for i, layer in enumerate(self.layers):
+            head = layer[0].module
+            if isinstance(head, GaussianNoise):
+                self._rates[i, "noise"] = self._vector([s.module.std for s in layer], device)  # type: ignore[attr-defined]
+            if any(s.dropout for s in layer):
+                self._rates[i, "keep"] = self._vector([1 - s.dropout for s in layer], device)
+            if isinstance(head, nn.modules.batchnorm._BatchNorm):
+                bns = [s.module for s in layer]
+                self._stats[i] = (
+                    torch.cat([m.running_mean for m in bns]),  # type: ignore[misc]
+                    torch.cat([m.running_var for m in bns]),  # type: ignore[misc]
+                )
+
+    @staticmethod
+    def _vector(values: list[float], device: torch.device) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=device)
+
+    def _per_trial(self, rate: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A per-trial rate shaped to multiply `x`: (B, K*C, H, W) or (K, B, F)."""
+        if x.dim() == 4:
+            return rate.repeat_interleave(x.shape[1] // self.k).view(1, -1, 1, 1)
+        return rate.view(self.k, 1, 1)
+
+    def __call__(self, x: torch.Tensor, training: bool) -> torch.Tensor:
+        """Logits (K, B, classes) of the K trials' inputs stacked as channels (B, K*C, H, W)."""
+        k = self.k
+        for i, layer in enumerate(self.layers):
+            mods = [s.module for s in layer]
+            head = mods[0]
+            if isinstance(head, nn.Conv2d):
+                weight = torch.cat([m.weight for m in mods])  # type: ignore[misc]
+                bias = None if head.bias is None else torch.cat([m.bias for m in mods])  # type: ignore[misc]
+                x = F.conv2d(x, weight, bias, head.stride, head.padding, head.dilation, k)
+            elif isinstance(head, nn.modules.batchnorm._BatchNorm):
+                x = self._batch_norm(i, mods, x, training)
+            elif isinstance(head, nn.ReLU):
+                x = F.relu(x)
+            elif isinstance(head, GaussianNoise):
+                if training:
+                    x = x + torch.randn_like(x) * self._per_trial(self._rates[i, "noise"], x)
+            elif isinstance(head, nn.Flatten):
+                x = x.reshape(x.shape[0], k, -1).transpose(0, 1)  # (K, B, features)
+            elif isinstance(head, nn.Linear):
+                weight = torch.stack([m.weight for m in mods]).transpose(1, 2)  # type: ignore[misc]
+                if head.bias is None:
+                    x = torch.bmm(x, weight)
+                else:
+                    bias = torch.stack([m.bias for m in mods]).unsqueeze(1)  # type: ignore[misc]
+                    x = torch.baddbmm(bias, x, weight)
+            else:  # pooling: per channel, so per trial
+                x = head(x)
+            if training and (i, "keep") in self._rates:
+                x = self._dropout(x, self._rates[i, "keep"])
+        return x
+
+    def _dropout(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        # Dropout2d after a conv block drops whole channels; Dropout in the head, single units.
+        shape = (*x.shape[:2], 1, 1) if x.dim() == 4 else x.shape
+        p = self._per_trial(keep, x)
+        mask = torch.rand(shape, device=x.device) < p
+        return x * mask / p
+
+    def _batch_norm(
+        self, i: int, mods: list[nn.Module], x: torch.Tensor, training: bool
+    ) -> torch.Tensor:
+        head = mods[0]
+        mean, var = self._stats[i]
+        weight = torch.cat([m.weight for m in mods])  # type: ignore[misc]
+        bias = torch.cat([m.bias for m in mods])  # type: ignore[misc]
+        if training:
+            for m in mods:
+                m.num_batches_tracked.add_(1)  # type: ignore[operator]
+        momentum, eps = head.momentum, head.eps  # type: ignore[attr-defined]
+        if x.dim() == 4:
+            return F.batch_norm(x, mean, var, weight, bias, training, momentum, eps)  # type: ignore[arg-type]
+        b = x.shape[1]
+        flat = x.transpose(0, 1).reshape(b, -1)  # (B, K*F): a channel per trial and unit
+        out = F.batch_norm(flat, mean, var, weight, bias, training, momentum, eps)  # type: ignore[arg-type]
+        return out.view(b, self.k, -1).transpose(0, 1)
+
+    def sync(self) -> None:
+        """Write the stacked batch-norm statistics back into each net's own buffers."""
+        with torch.no_grad():
+            for i, (mean, var) in self._stats.items():
+                for s, m, v in zip(
+                    self.layers[i], mean.chunk(self.k), var.chunk(self.k), strict=True
+                ):
+                    s.module.running_mean.copy_(m)  # type: ignore[operator]
+                    s.module.running_var.copy_(v)  # type: ignore[operator]
+
+
+# --- one trial in a slot --------------------------------------------------------------------
+
+
+@dataclass
+class Slot:
+    """A running trial: its Classifier, optimizer, schedule, MLflow run and epoch records."""
+
+    trial: optuna.Trial
+    config: Config
+    module: Classifier
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    per_step: bool
+    tracker: Any
+    hold: ExitStack
+    started: float = field(default_factory=time.perf_counter)
+    rows: list[dict[str, float]] = field(default_factory=list)
+    best: float | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    wait: int = 0
+
+    @property
+    def net(self) -> SeedCNN:
+        assert isinstance(self.module.net, SeedCNN)  # `check` refuses other models
+        return self.module.net
+
+    @property
+    def epoch(self) -> int:
+        return len(self.rows)
+
+    def step(self) -> None:
+        self.optimizer.step()
+        if self.per_step:
+            self.scheduler.step()
+
+    def end_epoch(self, row: dict[str, float]) -> str | None:
+        """Record an epoch; how the trial ends after it ("pruned", "stopped", "complete"), or
+        None to train on."""
+        if not self.per_step and self.scheduler is not None:
+            self.scheduler.step()
+        self.rows.append(row)
+        self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=self.epoch)
+        monitor = self.config.tune.metric
+        value = row[monitor]
+        stop = self.config.train.early_stopping
+        delta = stop.min_delta if monitor.endswith("acc") else -stop.min_delta
+        if self.best is None or _better(value, self.best + delta, monitor):
+            self.best, self.wait = value, 0
+            self.best_state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        else:
+            self.wait += 1
+        self.trial.report(value, step=self.epoch - 1)
+        if self.trial.should_prune():
+            return "pruned"
+        if stop.enabled and self.wait >= stop.patience:
+            return "stopped"
+        if self.epoch >= self.config.train.max_epochs:
+            return "complete"
+        return None
+
+
+def _better(value: float, than: float, monitor: str) -> bool:
+    return value > than if monitor.endswith("acc") else value < than
+
+
+# --- the study loop -------------------------------------------------------------------------
+
+
+class Fused:
+    """Up to `tune.trials_at_once` trials of `job`'s study training together on one device."""
+
+    def __init__(
+        self,
+        study: optuna.Study,
+        job: tune.Job,
+        prepared: Prepared,
+        on_trial: Callable[[optuna.Study], None] | None = None,
+    ) -> None:
+        from cnnops.data.datamodule import BatchIndices
+        from cnnops.train import planned_device_type
+
+        self.study, self.job, self.prepared, self.on_trial = study, job, prepared, on_trial
+        t = job.config.train
+        self.device = torch.device(planned_device_type(t))
+        if self.device.type == "cuda":
+            torch.set_float32_matmul_precision("high")
+        self.x, self.y = self._split("train")
+        self.val = self._split("val")
+        self.batches = BatchIndices(len(self.y), t.batch_size, shuffle=True, seed=t.seed)
+        self.slots: list[Slot] = []
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if t.precision == "bf16-mixed"
+            else nullcontext()
+        )
+
+    def _split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.from_numpy(np.ascontiguousarray(self.prepared.x[name]))
+        y = torch.from_numpy(np.asarray(self.prepared.y[name], dtype=np.int64))
+        return x.to(self.device), y.to(self.device)
+
+    def run(self) -> None:
+        """Take trials until the study has `tune.n_trials` finished ones (or its deadline)."""
+        more = True
+        with runs.deferred_signals(raise_after=False):
+            try:
+                while True:
+                    while more and len(self.slots) < self.job.config.tune.trials_at_once:
+                        trial = tune._next_trial(self.study, self.job)
+                        if trial is False:
+                            more = False
+                        if not trial:
+                            break
+                        self.slots.append(self._start(trial))  # type: ignore[arg-type]
+                    if not self.slots:
+                        if not more:
+                            return
+                        time.sleep(tune.POLL_S)  # the last trials run in another worker
+                        continue
+                    self._epoch()
+            except BaseException as e:
+                self._abandon(e)
+                raise
+
+    def _start(self, trial: optuna.Trial) -> Slot:
+        import lightning as L
+        from optuna.storages._heartbeat import get_heartbeat_thread
+
+        from cnnops.train import batched_engine, build_module
+
+        params = tune.sample(trial, self.job.config)
+        config = tune.apply(self.job.config, params)
+        hold = ExitStack()
+        hold.enter_context(get_heartbeat_thread(trial._trial_id, self.study._storage))  # type: ignore[arg-type]
+        tracker = None
+        try:
+            tracker = tune.trial_run(self.job, trial, params)
+            L.seed_everything(config.train.seed, verbose=False)  # a trial of its own starts so
+            module = build_module(config, self.prepared).to(self.device)
+            module.gpu_augment = batched_engine(config, self.prepared)
+            module.total_steps = config.train.max_epochs * len(self.batches)
+            optimizer, scheduler, per_step = _optimizer(module)
+        except BaseException:
+            from optuna.trial import TrialState
+
+            with hold:
+                if tracker is not None:
+                    tune.end_run(tracker, "failed", "FAILED")
+                self.study.tell(trial, state=TrialState.FAIL)
+            raise
+        return Slot(trial, config, module, optimizer, scheduler, per_step, tracker, hold)
+
+    def _groups(self) -> list[tuple[list[Slot], FusedNets]]:
+        by_structure: dict[tuple[str, ...], list[Slot]] = {}
+        for slot in self.slots:
+            by_structure.setdefault(structure(slot.net), []).append(slot)
+        return [(group, FusedNets([s.net for s in group])) for group in by_structure.values()]
+
+    def _inputs(self, group: list[Slot], x: torch.Tensor, train: bool) -> torch.Tensor:
+        return torch.cat([s.module.prepare_input(x, train=train) for s in group], dim=1)
+
+    def _epoch(self) -> None:
+        """Train every slot one epoch on the same batches, validate, and end what ends."""
+        started = time.perf_counter()
+        groups = self._groups()
+        t = self.job.config.train
+        sums = [torch.zeros(len(g), 2, device=self.device) for g, _ in groups]
+        order = self.batches.next_epoch().to(self.device)
+        for idx in self.batches.split(order):
+            signum = runs.pending_signal()
+            if signum is not None:
+                raise runs.Interrupted(signum)
+            x, y = self.x[idx], self.y[idx]
+            for slot in self.slots:
+                slot.optimizer.zero_grad(set_to_none=True)
+            total = torch.zeros((), device=self.device)
+            for (group, nets), acc in zip(groups, sums, strict=True):
+                with self.autocast:
+                    logits = nets(self._inputs(group, x, train=True), training=True)
+                losses = _losses(logits, y, t.label_smoothing)
+                acc.add_(_stats(logits, y, losses))
+                l1 = [s.config.train.l1 for s in group]
+                if any(l1):
+                    penalty = torch.stack([s.module.l1_penalty() for s in group])
+                    losses = losses + penalty * torch.tensor(l1, device=self.device)
+                total = total + losses.sum()
+            total.backward()
+            for slot in self.slots:
+                slot.step()
+        for _, nets in groups:
+            nets.sync()
+        val = self._validate(groups)
+        n = len(self.y)
+        ended = []
+        for (group, _), acc, scores in zip(groups, sums, val, strict=True):
+            for slot, (loss, correct), (val_loss, val_acc) in zip(
+                group, acc.tolist(), scores, strict=True
+            ):
+                row = {
+                    "epoch": slot.epoch + 1,
+                    "train_loss": round(loss / n, 6),
+                    "train_acc": round(correct / n, 6),
+                    "val_loss": round(val_loss, 6),
+                    "val_acc": round(val_acc, 6),
+                    "lr": slot.optimizer.param_groups[0]["lr"],
+                    "epoch_seconds": round(time.perf_counter() - started, 4),
+                }
+                outcome = slot.end_epoch(row)
+                if outcome:
+                    ended.append((slot, outcome))
+        for slot, outcome in ended:
+            self.slots.remove(slot)
+            self._finish(slot, outcome)
+
+    @torch.no_grad()
+    def _validate(
+        self, groups: list[tuple[list[Slot], FusedNets]]
+    ) -> list[list[tuple[float, float]]]:
+        """Each slot's validation loss and accuracy, in the groups' order."""
+        x, y = self.val
+        size = self.job.config.evaluate.batch_size
+        out = []
+        for group, nets in groups:
+            acc = torch.zeros(len(group), 2, device=self.device)
+            for start in range(0, len(y), size):
+                xb, yb = x[start : start + size], y[start : start + size]
+                with self.autocast:
+                    logits = nets(self._inputs(group, xb, train=False), training=False)
+                acc.add_(_stats(logits, yb, _losses(logits, yb, 0.0)))
+            out.append([(loss / len(y), correct / len(y)) for loss, correct in acc.tolist()])
+        return out
+
+    def _finish(self, slot: Slot, outcome: str) -> None:
+        """Tell Optuna how the trial ended, save its best checkpoint, close its MLflow run."""
+        from optuna.trial import TrialState
+
+        from cnnops.train import best_row, peak_memory_mb
+
+        study, trial, job = self.study, slot.trial, self.job
+        with runs.deferred_signals(raise_after=False), slot.hold:
+            if outcome == "pruned":
+                tune.end_run(slot.tracker, "pruned", "KILLED")
+                study.tell(trial, state=TrialState.PRUNED)
+            else:
+                out = tune.trial_dir(job, trial.number)
+                checkpoint = _save_best(slot, out)
+                monitor = job.config.tune.metric
+                best = best_row(slot.rows, monitor)
+                elapsed = time.perf_counter() - slot.started
+                metrics = {
+                    "best_epoch": int(best["epoch"]),
+                    "best_val_acc": best["val_acc"],
+                    "best_val_loss": best["val_loss"],
+                    "best_train_acc": best["train_acc"],
+                    "epochs_run": slot.epoch,
+                    "stopped_early": outcome == "stopped",
+                    "stopped_epoch": slot.epoch,
+                    "train_seconds": round(elapsed, 2),
+                    "device_seconds": round(elapsed, 2),
+                    "peak_memory_mb": peak_memory_mb(self.device),
+                    "cuda_graphs": False,
+                    "cuda_graphs_optimizer": False,
+                    "data_placement": "device",
+                    "trials_at_once": job.config.tune.trials_at_once,
+                }
+                slot.tracker.log_metrics(
+                    {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                    step=slot.epoch,
+                )
+                tune.end_run(slot.tracker, "complete", "FINISHED")
+                trial.set_user_attr("metrics", metrics)
+                trial.set_user_attr("checkpoint", str(checkpoint))
+                study.tell(trial, best[monitor])  # NaN: Optuna records the trial as failed
+        tune._log(study, trial.number, job)
+        if self.on_trial:
+            self.on_trial(study)
+
+    def _abandon(self, error: BaseException) -> None:
+        """Every running trial ends with the loop. On a signal each is failed and queued again
+        (the rerun runs it anew); on an error each is failed, the error printed once."""
+        from optuna.trial import TrialState
+
+        signal = isinstance(error, (runs.Interrupted, KeyboardInterrupt))
+        if not signal and not isinstance(error, SystemExit):
+            traceback.print_exc()
+        with runs.deferred_signals(raise_after=False):
+            for slot in self.slots:
+                with slot.hold:
+                    state, status = ("interrupted", "KILLED") if signal else ("failed", "FAILED")
+                    tune.end_run(slot.tracker, state, status)
+                    self.study.tell(slot.trial, state=TrialState.FAIL)
+                    if signal:
+                        frozen = self.study._storage.get_trial(slot.trial._trial_id)
+                        tune.on_stale(self.job.config)(self.study, frozen)
+            self.slots.clear()
+
+
+def _optimizer(module: Classifier) -> tuple[torch.optim.Optimizer, Any, bool]:
+    """The trial's optimizer and schedule, as the train stage configures them."""
+    configured = module.configure_optimizers()
+    if isinstance(configured, torch.optim.Optimizer):
+        return configured, None, False
+    scheduler = configured["lr_scheduler"]
+    return configured["optimizer"], scheduler["scheduler"], scheduler["interval"] == "step"
+
+
+def _losses(logits: torch.Tensor, y: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Each trial's mean cross-entropy over the batch: (K,)."""
+    k, b = logits.shape[:2]
+    losses = F.cross_entropy(
+        logits.reshape(k * b, -1).float(), y.repeat(k), reduction="none", label_smoothing=smoothing
+    )
+    return losses.view(k, b).mean(1)
+
+
+def _stats(logits: torch.Tensor, y: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    """(K, 2): each trial's summed loss and correct predictions in this batch."""
+    correct = (logits.argmax(-1) == y).sum(1).float()
+    return torch.stack([losses.detach() * len(y), correct], 1)
+
+
+def _save_best(slot: Slot, out: Path) -> Path:
+    """The trial's best weights as the train stage's checkpoint: `best.ckpt` in its folder."""
+    import io
+
+    import lightning as L
+
+    assert slot.best_state is not None
+    best = next(r for r in slot.rows if r[slot.config.tune.metric] == slot.best)
+    checkpoint = {
+        "state_dict": {k: v.cpu() for k, v in slot.best_state.items()},
+        "hyper_parameters": dict(slot.module.hparams),
+        "epoch": int(best["epoch"]) - 1,
+        "pytorch-lightning_version": L.__version__,
+    }
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "best.ckpt"
+    runs.write_bytes(path, buffer.getvalue())
+    return path
+
+
+def run(
+    study: optuna.Study,
+    job: tune.Job,
+    prepared: Prepared,
+    on_trial: Callable[[optuna.Study], None] | None = None,
+) -> None:
+    Fused(study, job, prepared, on_trial).run()

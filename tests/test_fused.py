@@ -1,0 +1,219 @@
+"""Trials trained together (`tune.trials_at_once`): the fused network computes what each net
+computes on its own, and a fused study keeps the study's bookkeeping, through a signal and a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cnnops import fused, tracking
+from cnnops.checkpoints import load_classifier
+from cnnops.config import ConvBlock, Pooling, load_config
+from cnnops.data import prepare
+from cnnops.errors import ConfigError
+from cnnops.models.cnn import SeedCNN
+from tests.conftest import ROOT, cnnops
+from tests.test_tune_e2e import finished, open_study, sets, start_tune, states
+
+
+def nets(*rates: dict[str, float], batch_norm: bool = True) -> list[SeedCNN]:
+    out = []
+    for i, r in enumerate(rates):
+        torch.manual_seed(i)  # each net its own weights
+        out.append(
+            SeedCNN(
+                1,
+                10,
+                12,
+                conv=[ConvBlock(filters=4), ConvBlock(filters=6, padding="valid")],
+                pooling=Pooling(),
+                fc=[16],
+                batch_norm=batch_norm,
+                **{"dropout_conv": 0.0, "dropout_fc": 0.0, "noise_std": 0.0, **r},
+            )
+        )
+    return out
+
+
+def stacked(x: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(x, dim=1)
+
+
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_fused_nets_compute_each_nets_logits_gradients_and_statistics(batch_norm: bool) -> None:
+    group = nets({}, {}, {}, batch_norm=batch_norm)
+    twins = nets({}, {}, {}, batch_norm=batch_norm)  # the same weights, trained one by one
+    x = [torch.randn(32, 1, 12, 12) for _ in group]
+    y = torch.randint(0, 10, (32,))
+    fused_net = fused.FusedNets(group)
+    logits = fused_net(stacked(x), training=True)
+    losses = F.cross_entropy(logits.reshape(-1, 10), y.repeat(3), reduction="none")
+    losses.view(3, 32).mean(1).sum().backward()
+    fused_net.sync()
+    for net, twin, xi, out in zip(group, twins, x, logits, strict=True):
+        twin.train()
+        alone = twin(xi)
+        F.cross_entropy(alone, y).backward()
+        torch.testing.assert_close(out, alone, atol=1e-5, rtol=1e-4)
+        for (name, p), q in zip(net.named_parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+        for a, b in zip(net.buffers(), twin.buffers(), strict=True):
+            torch.testing.assert_close(a, b)
+    # At evaluation: the running statistics, no dropout, no noise.
+    evaluated = fused.FusedNets(group)(stacked(x), training=False)
+    for net, xi, out in zip(group, x, evaluated, strict=True):
+        torch.testing.assert_close(out, net.eval()(xi), atol=1e-5, rtol=1e-4)
+
+
+def test_dropout_and_noise_rates_are_each_trials_own() -> None:
+    rates = [
+        {"dropout_fc": 0.0, "noise_std": 0.0},
+        {"dropout_fc": 0.5, "noise_std": 0.0},
+        {"dropout_fc": 0.0, "noise_std": 1.0},
+    ]
+    group = nets(*rates)
+    fused_net = fused.FusedNets(group)
+    x = stacked([torch.randn(256, 1, 12, 12)] * 3)
+    torch.manual_seed(0)
+    draws = torch.stack([fused_net(x, training=True) for _ in range(2)])  # (2, K, B, 10)
+    spread = (draws[0] - draws[1]).abs().mean(dim=(1, 2))
+    assert spread[0] == 0  # no dropout, no noise: the same logits every time
+    assert spread[1] > 0.01 and spread[2] > 0.01
+    # Dropout keeps half the units of the second trial, scaled by 2: the mean is kept.
+    ones = torch.ones(3, 4000, 16)
+    keep = next(rate for (_, kind), rate in fused_net._rates.items() if kind == "keep")
+    dropped = fused_net._dropout(ones, keep)
+    assert (dropped[0] == 1).all() and (dropped[2] == 1).all()
+    assert abs((dropped[1] == 0).float().mean().item() - 0.5) < 0.02
+    assert abs(dropped[1].mean().item() - 1) < 0.05
+
+
+def test_nets_line_up_by_structure_whatever_their_dropout() -> None:
+    plain, dropped = nets({"dropout_conv": 0.0}, {"dropout_conv": 0.3, "dropout_fc": 0.4})
+    assert fused.structure(plain) == fused.structure(dropped)
+    assert fused.structure(plain) != fused.structure(nets({}, batch_norm=False)[0])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.precision=16-mixed", "16-mixed"),
+        ("train.strategy=ddp", "DDP"),
+        ("augment.engine=albumentations", "batched engine"),
+        ("train.cuda_graphs=true", "eagerly"),
+    ],
+)
+def test_settings_that_cannot_be_fused_are_refused_by_key(override: str, message: str) -> None:
+    config = load_config(
+        ROOT / "params.yaml",
+        ["tune.trials_at_once=4", "augment.transforms=[{name: affine, p: 0.5}]", override],
+    )
+    with pytest.raises(ConfigError, match=rf"^tune.trials_at_once = 4: .*{message}"):
+        fused.check(config)
+    fused.check(load_config(ROOT / "params.yaml", ["tune.trials_at_once=4"]))  # the defaults fuse
+
+
+@pytest.mark.slow
+def test_a_fused_study_finishes_n_trials_with_runs_and_checkpoints_like_sequential_ones(
+    digits: Path,
+) -> None:
+    overrides = ("tune.n_trials=5", "train.max_epochs=3", "tune.trials_at_once=3")
+    out = cnnops("tune", *sets(*overrides), cwd=digits, check=True)
+    summary = json.loads(out.stdout)
+    study = open_study(digits, *overrides)
+    assert finished(study) == 5 and len(study.trials) == 5
+    starts = sorted(t.datetime_start for t in study.trials)
+    ends = sorted(t.datetime_complete for t in study.trials)
+    assert starts[2] < ends[0]  # three trials ran at once
+    # The best trial's checkpoint is the train stage's, holding the weights of its best epoch.
+    run = json.loads((digits / "models" / "tune" / "run.json").read_text())
+    assert run["trial"] == summary["best_trial"] and run["trials_at_once"] == 3
+    module = load_classifier(digits / "models" / "tune" / "best.ckpt")
+    val = prepare.load(digits / "data" / "prepared")
+    proba = module.predict_images(val.x["val"])
+    assert np.mean(proba.argmax(1) == val.y["val"]) == pytest.approx(run["best_val_acc"], abs=1e-6)
+    # One MLflow run per trial, with the study's states and each epoch's curves.
+    cfg = load_config(digits / "params.yaml").mlflow
+    client = tracking.client(cfg)
+    for trial in study.trials:
+        child = client.get_run(trial.user_attrs["mlflow_run_id"])
+        state = {"COMPLETE": "complete", "PRUNED": "pruned"}[trial.state.name]
+        assert child.data.tags["optuna.state"] == state
+        history = client.get_metric_history(child.info.run_id, "val/loss")
+        assert [m.step for m in history] == list(range(1, len(trial.intermediate_values) + 1))
+
+
+@pytest.mark.slow
+def test_sigterm_fails_and_requeues_every_running_trial_and_the_rerun_finishes(
+    digits: Path,
+) -> None:
+    overrides = (
+        "tune.n_trials=3",
+        "train.max_epochs=20",
+        "train.early_stopping.enabled=false",
+        "tune.pruner.name=none",
+        "tune.trials_at_once=2",
+    )
+    proc = start_tune(digits, overrides, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        time.sleep(0.2)
+        study = open_study(digits, *overrides) if _journal(digits).is_file() else None
+        if study and sum("mlflow_run_id" in t.user_attrs for t in study.trials) == 2:
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1].startswith("cnnops tune: interrupted by SIGTERM; 0 of 3")
+    study = open_study(digits, *overrides)
+    assert states(study) == {"FAIL": 2, "WAITING": 2}
+    client = tracking.client(load_config(digits / "params.yaml").mlflow)
+    for trial in study.trials[:2]:
+        assert client.get_run(trial.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+
+    cnnops("tune", *sets(*overrides), cwd=digits, check=True)
+    study = open_study(digits, *overrides)
+    assert states(study) == {"FAIL": 2, "COMPLETE": 3}
+    assert {tuple(sorted(t.params.items())) for t in study.trials[:2]} <= {
+        tuple(sorted(t.params.items())) for t in study.trials[2:]
+    }  # the interrupted trials ran again with their own params
+
+
+@pytest.mark.slow
+def test_a_sigkilled_fused_study_resumes_to_exactly_n_trials(digits: Path) -> None:
+    overrides = (
+        "tune.n_trials=3",
+        "train.max_epochs=20",
+        "train.early_stopping.enabled=false",
+        "tune.pruner.name=none",
+        "tune.trials_at_once=2",
+    )
+    proc = start_tune(digits, overrides)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        time.sleep(0.2)
+        study = open_study(digits, *overrides) if _journal(digits).is_file() else None
+        if study and sum("mlflow_run_id" in t.user_attrs for t in study.trials) == 2:
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert states(open_study(digits, *overrides)).get("RUNNING") == 2
+
+    cnnops("tune", *sets(*overrides), cwd=digits, check=True)
+    study = open_study(digits, *overrides)
+    s = states(study)
+    assert finished(study) == 3 and "RUNNING" not in s and "WAITING" not in s
+    assert s["FAIL"] == 2
+
+
+def _journal(folder: Path) -> Path:
+    return folder / "models" / "optuna" / "studies.journal"
