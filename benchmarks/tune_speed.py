@@ -1,10 +1,11 @@
 """Tuning that fills the device: a study on MNIST against the time of one training run.
 
     python benchmarks/tune_speed.py --mirror DIR --workers 4 --trials 50
+    python benchmarks/tune_speed.py --mirror DIR --workers 1 --trials-at-once 8
 
 Runs, as a user would, in a scratch folder with the MNIST pipeline's params: `cnnops fetch`,
 `cnnops prepare`, one `cnnops train` (timed, process start to exit), then `cnnops tune --workers N`
-(timed). Prints both times and their ratio, the best validation accuracy, how many trials were
+(timed), each worker training `--trials-at-once` trials together (`tune.trials_at_once`). Prints both times and their ratio, the best validation accuracy, how many trials were
 pruned, and the most trials that ran at once (from their start times and durations).
 """
 
@@ -45,17 +46,20 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--trials", type=int, default=50)
     parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--trials-at-once", type=int, default=1)
     parser.add_argument(
         "--set", dest="extra", action="append", default=[], help="more KEY=VALUE overrides"
     )
     args = parser.parse_args()
     overrides = [
         f"fetch.mirror={Path(args.mirror).resolve()}",
+        "paths.src=src/cnnops",  # the pipeline's params point two folders up; here it is one
         f"train.max_epochs={args.epochs}",
         "train.batch_size=512",
         "train.precision=bf16-mixed",
         "tune.metric=val_acc",
         f"tune.n_trials={args.trials}",
+        f"tune.trials_at_once={args.trials_at_once}",
         "augment.transforms=[{name: affine, p: 1.0, params: {rotate: 0, scale: 0, translate: 0.08}}]",
         *args.extra,
     ]
@@ -90,6 +94,7 @@ def main() -> None:
                 "best_val_acc": summary["best_val_acc"],
                 "most_trials_at_once": most_at_once(rows),
                 "workers": args.workers,
+                "trials_at_once": args.trials_at_once,
             },
             indent=2,
         )

@@ -23,6 +23,7 @@ first epoch (finished trials are kept either way).
 
 from __future__ import annotations
 
+import math
 import time
 import traceback
 from contextlib import ExitStack, nullcontext
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnops import runs, tune
-from cnnops.errors import ConfigError
+from cnnops.errors import ConfigError, DataError
 from cnnops.models.cnn import GaussianNoise, SeedCNN
 
 if TYPE_CHECKING:
@@ -222,8 +223,11 @@ class Slot:
     started: float = field(default_factory=time.perf_counter)
     rows: list[dict[str, float]] = field(default_factory=list)
     best: float | None = None
-    best_state: dict[str, torch.Tensor] | None = None
+    """The early-stopping reference: the last value that improved by `min_delta`."""
     wait: int = 0
+    best_row: dict[str, float] | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    """The best epoch's row and weights (on the device): what the checkpoint keeps."""
 
     @property
     def net(self) -> SeedCNN:
@@ -241,18 +245,24 @@ class Slot:
 
     def end_epoch(self, row: dict[str, float]) -> str | None:
         """Record an epoch; how the trial ends after it ("pruned", "stopped", "complete"), or
-        None to train on."""
+        None to train on. As the train stage's callbacks do: the checkpoint keeps the best
+        epoch, early stopping waits for an improvement of `min_delta` and stops on a
+        non-finite metric."""
         if not self.per_step and self.scheduler is not None:
             self.scheduler.step()
         self.rows.append(row)
         self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=self.epoch)
         monitor = self.config.tune.metric
         value = row[monitor]
+        if not math.isfinite(value):
+            return "stopped"
+        if self.best_row is None or _better(value, self.best_row[monitor], monitor):
+            self.best_row = row
+            self.best_state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
         stop = self.config.train.early_stopping
         delta = stop.min_delta if monitor.endswith("acc") else -stop.min_delta
         if self.best is None or _better(value, self.best + delta, monitor):
             self.best, self.wait = value, 0
-            self.best_state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
         else:
             self.wait += 1
         self.trial.report(value, step=self.epoch - 1)
@@ -301,7 +311,17 @@ class Fused:
         )
 
     def _split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.from_numpy(np.ascontiguousarray(self.prepared.x[name]))
+        """A split resident on the device: every step of every trial draws from it."""
+        from cnnops.data.datamodule import fits
+
+        array = self.prepared.x[name]
+        if not fits(array.nbytes, self.device):
+            raise DataError(
+                f"tune.trials_at_once = {self.job.config.tune.trials_at_once}: the {name} split "
+                f"({array.nbytes / 2**30:.1f} GiB) does not fit on {self.device} beside the "
+                "trials; set it to 1"
+            )
+        x = torch.from_numpy(np.ascontiguousarray(array))
         y = torch.from_numpy(np.asarray(self.prepared.y[name], dtype=np.int64))
         return x.to(self.device), y.to(self.device)
 
@@ -440,18 +460,21 @@ class Fused:
         """Tell Optuna how the trial ended, save its best checkpoint, close its MLflow run."""
         from optuna.trial import TrialState
 
-        from cnnops.train import best_row, peak_memory_mb
+        from cnnops.train import peak_memory_mb
 
         study, trial, job = self.study, slot.trial, self.job
         with runs.deferred_signals(raise_after=False), slot.hold:
             if outcome == "pruned":
                 tune.end_run(slot.tracker, "pruned", "KILLED")
                 study.tell(trial, state=TrialState.PRUNED)
+            elif slot.best_row is None:  # not one epoch with a finite metric
+                tune.end_run(slot.tracker, "failed", "FAILED")
+                study.tell(trial, state=TrialState.FAIL)
             else:
                 out = tune.trial_dir(job, trial.number)
                 checkpoint = _save_best(slot, out)
                 monitor = job.config.tune.metric
-                best = best_row(slot.rows, monitor)
+                best = slot.best_row
                 elapsed = time.perf_counter() - slot.started
                 metrics = {
                     "best_epoch": int(best["epoch"]),
@@ -531,8 +554,8 @@ def _save_best(slot: Slot, out: Path) -> Path:
 
     import lightning as L
 
-    assert slot.best_state is not None
-    best = next(r for r in slot.rows if r[slot.config.tune.metric] == slot.best)
+    best = slot.best_row
+    assert best is not None and slot.best_state is not None
     checkpoint = {
         "state_dict": {k: v.cpu() for k, v in slot.best_state.items()},
         "hyper_parameters": dict(slot.module.hparams),
