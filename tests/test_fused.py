@@ -153,7 +153,7 @@ def test_a_fused_study_finishes_n_trials_with_runs_and_checkpoints_like_sequenti
 
 
 @pytest.mark.slow
-def test_sigterm_fails_and_requeues_every_running_trial_and_the_rerun_finishes(
+def test_sigterm_requeues_every_running_trial_and_the_rerun_resumes_them(
     digits: Path,
 ) -> None:
     overrides = (
@@ -165,10 +165,10 @@ def test_sigterm_fails_and_requeues_every_running_trial_and_the_rerun_finishes(
     )
     proc = start_tune(digits, overrides, stderr=subprocess.PIPE)
     deadline = time.time() + 300
-    while time.time() < deadline:
+    while time.time() < deadline:  # both trials have finished an epoch
         time.sleep(0.2)
         study = open_study(digits, *overrides) if _journal(digits).is_file() else None
-        if study and sum("mlflow_run_id" in t.user_attrs for t in study.trials) == 2:
+        if study and sum(bool(t.intermediate_values) for t in study.trials) == 2:
             break
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -183,9 +183,16 @@ def test_sigterm_fails_and_requeues_every_running_trial_and_the_rerun_finishes(
     cnnops("tune", *sets(*overrides), cwd=digits, check=True)
     study = open_study(digits, *overrides)
     assert states(study) == {"FAIL": 2, "COMPLETE": 3}
-    assert {tuple(sorted(t.params.items())) for t in study.trials[:2]} <= {
-        tuple(sorted(t.params.items())) for t in study.trials[2:]
-    }  # the interrupted trials ran again with their own params
+    # The interrupted trials ran again with their own params, from their last finished epoch.
+    for killed in study.trials[:2]:
+        retry = next(t for t in study.trials[2:] if t.params == killed.params)
+        run = client.get_run(retry.user_attrs["mlflow_run_id"])
+        assert run.data.tags["cnnops.resumed_from"].endswith(
+            f"trial-{killed.number}/last-fused.ckpt"
+        )
+        assert retry.user_attrs["metrics"]["epochs_run"] == 20  # the epochs before, counted
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")]
+        assert steps == list(range(len(killed.intermediate_values) + 1, 21))
 
 
 @pytest.mark.slow

@@ -17,8 +17,10 @@ metric and is pruned, stops early or finishes, and its slot takes the next trial
 
 Differences from trials run one at a time, all within a study's noise: a trial that joins
 mid-study sees the study's epoch order of batches, not its own; its MLflow run has the curves
-but not the per-epoch images; a trial interrupted by a signal or a kill runs again from its
-first epoch (finished trials are kept either way).
+but not the per-epoch images. A trial stopped by a signal resumes from its last finished epoch,
+as one of its own does, but one whose process was killed runs again from its first: the state
+of every epoch is kept in device memory and written only when a signal comes, so the study
+never waits on checkpoint files.
 """
 
 from __future__ import annotations
@@ -48,6 +50,11 @@ if TYPE_CHECKING:
     from cnnops.config import Config
     from cnnops.data.prepare import Prepared
     from cnnops.module import Classifier
+
+
+RESUME = "last-fused.ckpt"
+"""A fused trial's state at its last finished epoch, saved when a signal stops the study (the
+train stage's `last.ckpt` is Lightning's, written every epoch)."""
 
 
 def check(config: Config) -> None:
@@ -229,6 +236,36 @@ class Slot:
     best_state: dict[str, torch.Tensor] | None = None
     """The best epoch's row and weights (on the device): what the checkpoint keeps."""
 
+    snapshot: dict[str, Any] | None = None
+    """The trial as it stood after its last finished epoch (on the device), written to
+    `RESUME` when a signal stops the study."""
+
+    def take_snapshot(self) -> None:
+        self.snapshot = _clone(
+            {
+                "state_dict": self.module.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+                "rows": self.rows,
+                "best": self.best,
+                "wait": self.wait,
+                "best_row": self.best_row,
+            }
+        )
+        self.snapshot["best_state"] = self.best_state  # replaced on improvement, never changed
+
+    def restore(self, saved: dict[str, Any], device: torch.device) -> None:
+        """Continue from a snapshot that `take_snapshot` made and a signal saved."""
+        self.module.load_state_dict(saved["state_dict"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.scheduler is not None and saved["scheduler"] is not None:
+            self.scheduler.load_state_dict(saved["scheduler"])
+        self.rows, self.best, self.wait = list(saved["rows"]), saved["best"], saved["wait"]
+        self.best_row = saved["best_row"]
+        state = saved["best_state"]
+        self.best_state = None if state is None else {k: v.to(device) for k, v in state.items()}
+        self.snapshot = None
+
     @property
     def net(self) -> SeedCNN:
         assert isinstance(self.module.net, SeedCNN)  # `check` refuses other models
@@ -366,6 +403,13 @@ class Fused:
             module.gpu_augment = batched_engine(config, self.prepared)
             module.total_steps = config.train.max_epochs * len(self.batches)
             optimizer, scheduler, per_step = _optimizer(module)
+            slot = Slot(trial, config, module, optimizer, scheduler, per_step, tracker, hold)
+            resume = tune.resume_point(trial, self.job, RESUME)
+            if resume is not None:
+                from cnnops.checkpoints import load_checkpoint
+
+                slot.restore(load_checkpoint(resume), self.device)
+                tracker.set_tags({"cnnops.resumed_from": str(resume)})
         except BaseException:
             from optuna.trial import TrialState
 
@@ -374,7 +418,10 @@ class Fused:
                     tune.end_run(tracker, "failed", "FAILED")
                 self.study.tell(trial, state=TrialState.FAIL)
             raise
-        return Slot(trial, config, module, optimizer, scheduler, per_step, tracker, hold)
+        return slot
+
+    def _dir(self, slot: Slot) -> Path:
+        return tune.trial_dir(self.job, slot.trial.number)
 
     def _groups(self) -> list[tuple[list[Slot], FusedNets]]:
         by_structure: dict[tuple[str, ...], list[Slot]] = {}
@@ -434,6 +481,8 @@ class Fused:
                 outcome = slot.end_epoch(row)
                 if outcome:
                     ended.append((slot, outcome))
+                else:
+                    slot.take_snapshot()
         for slot, outcome in ended:
             self.slots.remove(slot)
             self._finish(slot, outcome)
@@ -471,8 +520,7 @@ class Fused:
                 tune.end_run(slot.tracker, "failed", "FAILED")
                 study.tell(trial, state=TrialState.FAIL)
             else:
-                out = tune.trial_dir(job, trial.number)
-                checkpoint = _save_best(slot, out)
+                checkpoint = _save_best(slot, self._dir(slot))
                 monitor = job.config.tune.metric
                 best = slot.best_row
                 elapsed = time.perf_counter() - slot.started
@@ -505,8 +553,9 @@ class Fused:
             self.on_trial(study)
 
     def _abandon(self, error: BaseException) -> None:
-        """Every running trial ends with the loop. On a signal each is failed and queued again
-        (the rerun runs it anew); on an error each is failed, the error printed once."""
+        """Every running trial ends with the loop. On a signal each is failed and queued again,
+        its last finished epoch saved for the rerun to resume from; on an error each is failed,
+        the error printed once."""
         from optuna.trial import TrialState
 
         signal = isinstance(error, (runs.Interrupted, KeyboardInterrupt))
@@ -519,9 +568,32 @@ class Fused:
                     tune.end_run(slot.tracker, state, status)
                     self.study.tell(slot.trial, state=TrialState.FAIL)
                     if signal:
+                        if slot.snapshot is not None:
+                            _save(_clone(slot.snapshot, "cpu"), self._dir(slot) / RESUME)
                         frozen = self.study._storage.get_trial(slot.trial._trial_id)
                         tune.on_stale(self.job.config)(self.study, frozen)
             self.slots.clear()
+
+
+def _clone(obj: Any, device: str | None = None) -> Any:
+    """`obj` with every tensor in it copied (to `device`), containers rebuilt, the rest kept."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone() if device is None else obj.detach().to(device, copy=True)
+    if isinstance(obj, dict):
+        return {k: _clone(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_clone(v, device) for v in obj)
+    return obj
+
+
+def _save(checkpoint: dict[str, Any], path: Path) -> Path:
+    """`checkpoint` written whole at `path` (a temporary file renamed)."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    runs.write_bytes(path, buffer.getvalue())
+    return path
 
 
 def _optimizer(module: Classifier) -> tuple[torch.optim.Optimizer, Any, bool]:
@@ -550,24 +622,17 @@ def _stats(logits: torch.Tensor, y: torch.Tensor, losses: torch.Tensor) -> torch
 
 def _save_best(slot: Slot, out: Path) -> Path:
     """The trial's best weights as the train stage's checkpoint: `best.ckpt` in its folder."""
-    import io
-
     import lightning as L
 
     best = slot.best_row
     assert best is not None and slot.best_state is not None
     checkpoint = {
-        "state_dict": {k: v.cpu() for k, v in slot.best_state.items()},
+        "state_dict": _clone(slot.best_state, "cpu"),
         "hyper_parameters": dict(slot.module.hparams),
         "epoch": int(best["epoch"]) - 1,
         "pytorch-lightning_version": L.__version__,
     }
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "best.ckpt"
-    runs.write_bytes(path, buffer.getvalue())
-    return path
+    return _save(checkpoint, out / "best.ckpt")
 
 
 def run(

@@ -185,11 +185,11 @@ def objective(
     return float(value)
 
 
-def resume_point(trial: optuna.Trial, job: Job) -> Path | None:
-    """The last checkpoint of the latest earlier attempt of this trial's params, if any."""
+def resume_point(trial: optuna.Trial, job: Job, name: str = "last.ckpt") -> Path | None:
+    """The last checkpoint (`name`) of the latest earlier attempt of this trial's params, if any."""
     frozen = trial.study.get_trials(deepcopy=False)[trial.number]
     for number in reversed(frozen.system_attrs.get("retry_history", [])):
-        last = trial_dir(job, number) / "last.ckpt"
+        last = trial_dir(job, number) / name
         if last.is_file():
             return last
     return None
