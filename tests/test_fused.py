@@ -74,6 +74,20 @@ def test_fused_nets_compute_each_nets_logits_gradients_and_statistics(batch_norm
         torch.testing.assert_close(out, net.eval()(xi), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.gpu
+def test_fused_nets_on_cuda_match_each_net_in_channels_last_and_bf16() -> None:
+    group = [net.cuda() for net in nets({}, {}, {}, {})]
+    x = [torch.randn(64, 1, 12, 12, device="cuda") for _ in group]
+    inputs = stacked(x).contiguous(memory_format=torch.channels_last)
+    for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            evaluated = fused.FusedNets(group)(inputs, training=False)
+            for net, xi, out in zip(group, x, evaluated, strict=True):
+                torch.testing.assert_close(
+                    out.float(), net.eval()(xi).float(), atol=tolerance, rtol=tolerance
+                )
+
+
 def test_dropout_and_noise_rates_are_each_trials_own() -> None:
     rates = [
         {"dropout_fc": 0.0, "noise_std": 0.0},
