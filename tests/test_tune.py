@@ -67,6 +67,8 @@ def test_a_lever_can_be_left_out_of_the_search() -> None:
         ("tune.direction=maximize", "contradicts metric 'val_loss'"),
         ("tune.metric=test_acc", "tune.metric = 'test_acc'"),
         ("tune.pruner.name=asha", "tune.pruner.name = 'asha'"),
+        ("tune.trials_at_once=0", "tune.trials_at_once = 0"),
+        ("tune.trials_at_once=65", "tune.trials_at_once = 65"),
     ],
 )
 def test_bad_tune_settings_name_their_key(override: str, message: str) -> None:
