@@ -57,12 +57,15 @@ def test_fused_nets_compute_each_nets_logits_gradients_and_statistics(batch_norm
     fused_net = fused.FusedNets(group)
     logits = fused_net(stacked(x), training=True)
     losses = F.cross_entropy(logits.reshape(-1, 10), y.repeat(3), reduction="none")
-    losses.view(3, 32).mean(1).sum().backward()
+    l1 = torch.tensor([0.0, 1e-3, 1e-2])
+    (losses.view(3, 32).mean(1) + l1 * fused_net.l1()).sum().backward()
     fused_net.sync()
-    for net, twin, xi, out in zip(group, twins, x, logits, strict=True):
+    for net, twin, xi, out, rate in zip(group, twins, x, logits, l1, strict=True):
         twin.train()
         alone = twin(xi)
-        F.cross_entropy(alone, y).backward()
+        weights = [p for p in twin.parameters() if p.ndim > 1]  # as Classifier.l1_penalty
+        penalty = torch.stack([w.abs().sum() for w in weights]).sum()
+        (F.cross_entropy(alone, y) + rate * penalty).backward()
         torch.testing.assert_close(out, alone, atol=1e-5, rtol=1e-4)
         for (name, p), q in zip(net.named_parameters(), twin.parameters(), strict=True):
             torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)

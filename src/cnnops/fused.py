@@ -121,6 +121,8 @@ class FusedNets:
         device = next(nets[0].parameters()).device
         self._rates: dict[tuple[int, str], torch.Tensor] = {}
         self._stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._steps = 0  # training calls since the last sync
+        self._weights: list[torch.Tensor] = []  # the last call's conv and linear weights
         for i, layer in enumerate(self.layers):
             head = layer[0].module
             if isinstance(head, GaussianNoise):
@@ -147,11 +149,14 @@ class FusedNets:
     def __call__(self, x: torch.Tensor, training: bool) -> torch.Tensor:
         """Logits (K, B, classes) of the K trials' inputs stacked as channels (B, K*C, H, W)."""
         k = self.k
+        self._weights = []
+        self._steps += training
         for i, layer in enumerate(self.layers):
             mods = [s.module for s in layer]
             head = mods[0]
             if isinstance(head, nn.Conv2d):
                 weight = torch.cat([m.weight for m in mods])  # type: ignore[misc]
+                self._weights.append(weight)
                 bias = None if head.bias is None else torch.cat([m.bias for m in mods])  # type: ignore[misc]
                 x = F.conv2d(x, weight, bias, head.stride, head.padding, head.dilation, k)
             elif isinstance(head, nn.modules.batchnorm._BatchNorm):
@@ -164,7 +169,9 @@ class FusedNets:
             elif isinstance(head, nn.Flatten):
                 x = x.reshape(x.shape[0], k, -1).transpose(0, 1)  # (K, B, features)
             elif isinstance(head, nn.Linear):
-                weight = torch.stack([m.weight for m in mods]).transpose(1, 2)  # type: ignore[misc]
+                stacked = torch.stack([m.weight for m in mods])  # type: ignore[misc]
+                self._weights.append(stacked)
+                weight = stacked.transpose(1, 2)
                 if head.bias is None:
                     x = torch.bmm(x, weight)
                 else:
@@ -190,9 +197,6 @@ class FusedNets:
         mean, var = self._stats[i]
         weight = torch.cat([m.weight for m in mods])  # type: ignore[misc]
         bias = torch.cat([m.bias for m in mods])  # type: ignore[misc]
-        if training:
-            for m in mods:
-                m.num_batches_tracked.add_(1)  # type: ignore[operator]
         momentum, eps = head.momentum, head.eps  # type: ignore[attr-defined]
         if x.dim() == 4:
             return F.batch_norm(x, mean, var, weight, bias, training, momentum, eps)  # type: ignore[arg-type]
@@ -201,8 +205,14 @@ class FusedNets:
         out = F.batch_norm(flat, mean, var, weight, bias, training, momentum, eps)  # type: ignore[arg-type]
         return out.view(b, self.k, -1).transpose(0, 1)
 
+    def l1(self) -> torch.Tensor:
+        """Each trial's sum of absolute weights (conv and linear, not biases or batch norm) in
+        the last call, as `Classifier.l1_penalty` sums them: (K,)."""
+        return torch.stack([w.abs().reshape(self.k, -1).sum(1) for w in self._weights]).sum(0)
+
     def sync(self) -> None:
-        """Write the stacked batch-norm statistics back into each net's own buffers."""
+        """Write the stacked batch-norm statistics, and the training steps they saw, back into
+        each net's own buffers."""
         with torch.no_grad():
             for i, (mean, var) in self._stats.items():
                 for s, m, v in zip(
@@ -210,6 +220,8 @@ class FusedNets:
                 ):
                     s.module.running_mean.copy_(m)  # type: ignore[operator]
                     s.module.running_var.copy_(v)  # type: ignore[operator]
+                    s.module.num_batches_tracked.add_(self._steps)  # type: ignore[operator]
+        self._steps = 0
 
 
 # --- one trial in a slot --------------------------------------------------------------------
@@ -430,7 +442,11 @@ class Fused:
         return [(group, FusedNets([s.net for s in group])) for group in by_structure.values()]
 
     def _inputs(self, group: list[Slot], x: torch.Tensor, train: bool) -> torch.Tensor:
-        return torch.cat([s.module.prepare_input(x, train=train) for s in group], dim=1)
+        """The batch as each trial of `group` takes it, stacked as channels: augmented per
+        trial, or normalized once and repeated (every trial normalizes alike)."""
+        if train and any(s.module.gpu_augment is not None for s in group):
+            return torch.cat([s.module.prepare_input(x, train=True) for s in group], dim=1)
+        return group[0].module.prepare_input(x, train=False).repeat(1, len(group), 1, 1)
 
     def _epoch(self) -> None:
         """Train every slot one epoch on the same batches, validate, and end what ends."""
@@ -454,8 +470,7 @@ class Fused:
                 acc.add_(_stats(logits, y, losses))
                 l1 = [s.config.train.l1 for s in group]
                 if any(l1):
-                    penalty = torch.stack([s.module.l1_penalty() for s in group])
-                    losses = losses + penalty * torch.tensor(l1, device=self.device)
+                    losses = losses + nets.l1() * torch.tensor(l1, device=self.device)
                 total = total + losses.sum()
             total.backward()
             for slot in self.slots:
