@@ -169,24 +169,35 @@ def test_a_fused_study_finishes_n_trials_with_runs_and_checkpoints_like_sequenti
         assert [m.step for m in history] == list(range(1, len(trial.intermediate_values) + 1))
 
 
+TWO_LONG = (
+    "tune.n_trials=3",
+    "train.max_epochs=20",
+    "train.early_stopping.enabled=false",
+    "tune.pruner.name=none",
+    "tune.trials_at_once=2",
+)
+"""A study whose first two trials train together for long enough to be stopped midway."""
+
+
+def start_two(folder: Path, stderr: int = subprocess.DEVNULL) -> subprocess.Popen:
+    """`cnnops tune` with TWO_LONG, returned once both trials have finished an epoch."""
+    proc = start_tune(folder, TWO_LONG, stderr=stderr)
+    journal = folder / "models" / "optuna" / "studies.journal"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        time.sleep(0.2)
+        study = open_study(folder, *TWO_LONG) if journal.is_file() else None
+        if study and sum(bool(t.intermediate_values) for t in study.trials) == 2:
+            break
+    return proc
+
+
 @pytest.mark.slow
 def test_sigterm_requeues_every_running_trial_and_the_rerun_resumes_them(
     digits: Path,
 ) -> None:
-    overrides = (
-        "tune.n_trials=3",
-        "train.max_epochs=20",
-        "train.early_stopping.enabled=false",
-        "tune.pruner.name=none",
-        "tune.trials_at_once=2",
-    )
-    proc = start_tune(digits, overrides, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # both trials have finished an epoch
-        time.sleep(0.2)
-        study = open_study(digits, *overrides) if _journal(digits).is_file() else None
-        if study and sum(bool(t.intermediate_values) for t in study.trials) == 2:
-            break
+    overrides = TWO_LONG
+    proc = start_two(digits, stderr=subprocess.PIPE)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
@@ -214,20 +225,8 @@ def test_sigterm_requeues_every_running_trial_and_the_rerun_resumes_them(
 
 @pytest.mark.slow
 def test_a_sigkilled_fused_study_resumes_to_exactly_n_trials(digits: Path) -> None:
-    overrides = (
-        "tune.n_trials=3",
-        "train.max_epochs=20",
-        "train.early_stopping.enabled=false",
-        "tune.pruner.name=none",
-        "tune.trials_at_once=2",
-    )
-    proc = start_tune(digits, overrides)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        time.sleep(0.2)
-        study = open_study(digits, *overrides) if _journal(digits).is_file() else None
-        if study and sum("mlflow_run_id" in t.user_attrs for t in study.trials) == 2:
-            break
+    overrides = TWO_LONG
+    proc = start_two(digits)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert states(open_study(digits, *overrides)).get("RUNNING") == 2
@@ -237,7 +236,3 @@ def test_a_sigkilled_fused_study_resumes_to_exactly_n_trials(digits: Path) -> No
     s = states(study)
     assert finished(study) == 3 and "RUNNING" not in s and "WAITING" not in s
     assert s["FAIL"] == 2
-
-
-def _journal(folder: Path) -> Path:
-    return folder / "models" / "optuna" / "studies.journal"
