@@ -11,11 +11,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 import torch
 import torch.nn.functional as F
 
-from cnnops import fused, tracking
+from cnnops import fused, studies, tracking
 from cnnops.checkpoints import load_classifier
 from cnnops.config import ConvBlock, Pooling, load_config
 from cnnops.data import prepare
@@ -236,3 +237,32 @@ def test_a_sigkilled_fused_study_resumes_to_exactly_n_trials(digits: Path) -> No
     s = states(study)
     assert finished(study) == 3 and "RUNNING" not in s and "WAITING" not in s
     assert s["FAIL"] == 2
+
+
+@pytest.mark.slow
+def test_trials_trained_together_score_as_trials_trained_one_by_one(digits: Path) -> None:
+    # Levers without randomness (no dropout, no noise), one trial with batch norm and one
+    # without (two fused groups): the fused study must reach the sequential study's values.
+    levers = [
+        {"batch_norm": True, "lr": 3e-3, "weight_decay": 1e-4, "l1": 0.0},
+        {"batch_norm": False, "lr": 5e-3, "weight_decay": 1e-3, "l1": 1e-5},
+    ]
+    fixed = {"dropout_conv": 0.0, "dropout_fc": 0.0, "noise_std": 0.0}
+    values = {}
+    for at_once in (1, 2):
+        overrides = (
+            "tune.n_trials=2",
+            "train.max_epochs=3",
+            "train.early_stopping.enabled=false",
+            "tune.pruner.name=none",
+            f"tune.trials_at_once={at_once}",
+            f"tune.study_name=at-once-{at_once}",
+        )
+        storage = studies.open_storage(str(digits / "models/optuna/studies.journal"), print)
+        study = optuna.create_study(study_name=f"at-once-{at_once}", storage=storage)
+        for params in levers:
+            study.enqueue_trial({**fixed, **params})
+        cnnops("tune", *sets(*overrides), cwd=digits, check=True)
+        study = open_study(digits, *overrides)
+        values[at_once] = [t.value for t in study.trials]
+    assert values[2] == pytest.approx(values[1], rel=1e-4)  # to float rounding
