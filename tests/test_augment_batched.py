@@ -121,3 +121,28 @@ def test_same_seed_same_batch_and_unsupported_entries_are_reported() -> None:
     assert not supports(resolve(blur)) and "gaussian_blur" not in SUPPORTED
     with pytest.raises(ValueError, match="gaussian_blur"):
         BatchAugment(resolve(blur))
+
+
+def test_a_strength_per_image_draws_as_the_spec_resolved_at_that_strength() -> None:
+    # Every entry the engine has, each magnitude on (holes are counts: strength leaves them).
+    transforms = [
+        Transform(
+            name="affine",
+            p=1.0,
+            params={"rotate": 16, "scale": 0.25, "shear": 8, "translate": 0.25},
+        ),
+        Transform(name="random_resized_crop", p=1.0, params={"area": 0.5, "ratio": 0.5}),
+        Transform(name="crop_and_pad", p=1.0, params={"percent": 0.25}),
+        Transform(name="brightness_contrast", p=0.5, params={"brightness": 0.25, "contrast": 0.25}),
+        Transform(name="gauss_noise", p=1.0, params={"std": 0.125}),
+        Transform(name="coarse_dropout", p=1.0, params={"holes": 3, "size": 0.5}),
+        Transform(name="hflip", p=0.5),
+    ]
+    x = torch.randint(0, 256, (64, 1, SIDE, SIDE), dtype=torch.uint8)
+    at_half = BatchAugment(resolve(Augment(transforms=transforms, strength=0.5)), seed=3)(x)
+    scaled = BatchAugment(resolve(Augment(transforms=transforms)), seed=3)(
+        x, strength=torch.full((64,), 0.5)
+    )
+    torch.testing.assert_close(scaled, at_half, atol=1e-3, rtol=1e-4)
+    unchanged = BatchAugment(resolve(Augment(transforms=transforms)), seed=3)(x)
+    assert (unchanged - at_half).abs().mean() > 1  # strength really changed the draws

@@ -255,7 +255,7 @@ def exact(*overrides: str) -> Config:
     common = [
         "train.max_epochs=4",
         "train.batch_size=256",
-        "train.precision=32",
+        "train.precision='32'",  # the string: a bare 32 is a YAML number
         "train.deterministic=true",
         "train.early_stopping.enabled=false",
         "model.dropout_fc=0.0",

@@ -30,6 +30,8 @@ SUPPORTED = {
 }
 
 Resolved = list[tuple[str, float, dict[str, float]]]
+Magnitude = float | torch.Tensor
+"""A transform parameter: one value for the batch, or one per image (N,)."""
 
 
 def supports(resolved: Resolved) -> bool:
@@ -66,22 +68,40 @@ class BatchAugment(nn.Module):
         return [] if self._generator is None else [self._generator]
 
     @torch.autocast("cuda", enabled=False)
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, strength: torch.Tensor | None = None) -> torch.Tensor:
+        """`x` augmented; `strength` (N,), when given, scales each image's magnitudes as
+        `augment.strength` scales the spec's (resolve the spec at strength 1 for it): images of
+        several tuning trials, each at its own strength, go through in one batch."""
         g = self._rng(x.device)
         out = x.float()
         for name, p, v in self.resolved:
+            values: dict[str, Magnitude] = {**v} if strength is None else _scaled(name, v, strength)
             if p >= 1.0:
-                out = _OPS[name](out, v, g)
+                out = _OPS[name](out, values, g)
                 continue
             apply = torch.rand(len(x), device=x.device, generator=g) < p
-            out = torch.where(apply.view(-1, 1, 1, 1), _OPS[name](out, v, g), out)
+            out = torch.where(apply.view(-1, 1, 1, 1), _OPS[name](out, values, g), out)
         return out
+
+
+def _scaled(name: str, v: dict[str, float], strength: torch.Tensor) -> dict[str, Magnitude]:
+    """The magnitudes `augment.strength` scales, one per image; a zero stays a zero (the
+    component is skipped), the others (hole counts) stay as they are."""
+    from cnnops.augment import VOCABULARY
+
+    params = VOCABULARY[name].params
+    return {k: value * strength if params[k].scaled and value else value for k, value in v.items()}
+
+
+def _on(magnitude: Magnitude) -> bool:
+    """Whether a component acts: per-image magnitudes always take their draws."""
+    return isinstance(magnitude, torch.Tensor) or magnitude > 0
 
 
 def _uniform(
     n: int,
-    low: float | torch.Tensor,
-    high: float | torch.Tensor,
+    low: Magnitude,
+    high: Magnitude,
     g: torch.Generator,
     device: torch.device,
 ) -> torch.Tensor:
@@ -94,24 +114,24 @@ def _warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def affine(x: torch.Tensor, v: dict[str, float], g: torch.Generator) -> torch.Tensor:
+def affine(x: torch.Tensor, v: dict[str, Magnitude], g: torch.Generator) -> torch.Tensor:
     # As Albumentations' Affine: scale, shear and rotate about the centre, then translate;
     # x and y scale, shear and translate draw independently (keep_ratio=False). Components with
     # zero magnitude are skipped, which keeps a translate-only spec at a handful of kernels.
     n, dev = len(x), x.device
     h, w = x.shape[-2:]
     forward = None
-    if v["scale"] > 0:
+    if _on(v["scale"]):
         sx, sy = (_uniform(n, 1 - v["scale"], 1 + v["scale"], g, dev) for _ in range(2))
         forward = torch.diag_embed(torch.stack([sx, sy], 1))
-    if v["shear"] > 0:
+    if _on(v["shear"]):
         hx, hy = (
             torch.tan(torch.deg2rad(_uniform(n, -v["shear"], v["shear"], g, dev))) for _ in range(2)
         )
         one = torch.ones_like(hx)
         shear = torch.stack([one, hx, hy, one], 1).view(n, 2, 2)
         forward = shear if forward is None else shear @ forward
-    if v["rotate"] > 0:
+    if _on(v["rotate"]):
         angle = torch.deg2rad(_uniform(n, -v["rotate"], v["rotate"], g, dev))
         cos, sin = torch.cos(angle), torch.sin(angle)
         rot = torch.stack([cos, -sin, sin, cos], 1).view(n, 2, 2)
@@ -124,7 +144,7 @@ def affine(x: torch.Tensor, v: dict[str, float], g: torch.Generator) -> torch.Te
         if h != w:
             matrix[:, 0, 1] *= h / w
             matrix[:, 1, 0] *= w / h
-    if v["translate"] > 0:
+    if _on(v["translate"]):
         tx, ty = (_uniform(n, -v["translate"], v["translate"], g, dev) for _ in range(2))
         shift = torch.stack([_whole_pixels(tx, w), _whole_pixels(ty, h)], 1).view(n, 2, 1) * 2
         offset = -(matrix @ shift)
@@ -146,18 +166,23 @@ def _inverse_2x2(m: torch.Tensor) -> torch.Tensor:
     return torch.stack([d, -b, -c, a], 1).view(-1, 2, 2) / det.view(-1, 1, 1)
 
 
-def hflip(x: torch.Tensor, v: dict[str, float], g: torch.Generator) -> torch.Tensor:
+def hflip(x: torch.Tensor, v: dict[str, Magnitude], g: torch.Generator) -> torch.Tensor:
     return x.flip(-1)
 
 
-def vflip(x: torch.Tensor, v: dict[str, float], g: torch.Generator) -> torch.Tensor:
+def vflip(x: torch.Tensor, v: dict[str, Magnitude], g: torch.Generator) -> torch.Tensor:
     return x.flip(-2)
 
 
-def random_resized_crop(x: torch.Tensor, v: dict[str, float], g: torch.Generator) -> torch.Tensor:
+def random_resized_crop(
+    x: torch.Tensor, v: dict[str, Magnitude], g: torch.Generator
+) -> torch.Tensor:
     n, dev = len(x), x.device
     area = _uniform(n, 1 - v["area"], 1.0, g, dev)
-    log_ratio = _uniform(n, -math.log1p(v["ratio"]), math.log1p(v["ratio"]), g, dev)
+    spread = (
+        torch.log1p(v["ratio"]) if isinstance(v["ratio"], torch.Tensor) else math.log1p(v["ratio"])
+    )
+    log_ratio = _uniform(n, -spread, spread, g, dev)
     ratio = torch.exp(log_ratio)
     sx = torch.sqrt(area * ratio).clamp(max=1.0)
     sy = torch.sqrt(area / ratio).clamp(max=1.0)
@@ -168,7 +193,7 @@ def random_resized_crop(x: torch.Tensor, v: dict[str, float], g: torch.Generator
     return _warp(x, theta)
 
 
-def crop_and_pad(x: torch.Tensor, v: dict[str, float], g: torch.Generator) -> torch.Tensor:
+def crop_and_pad(x: torch.Tensor, v: dict[str, Magnitude], g: torch.Generator) -> torch.Tensor:
     # Each side moves by its own fraction in [-percent, percent] (crop < 0 < pad), then the
     # result is resized back: an axis-aligned affine map per image.
     n, dev = len(x), x.device
@@ -184,7 +209,9 @@ def crop_and_pad(x: torch.Tensor, v: dict[str, float], g: torch.Generator) -> to
     return _warp(x, theta)
 
 
-def brightness_contrast(x: torch.Tensor, v: dict[str, float], g: torch.Generator) -> torch.Tensor:
+def brightness_contrast(
+    x: torch.Tensor, v: dict[str, Magnitude], g: torch.Generator
+) -> torch.Tensor:
     # Albumentations (brightness_by_max): out = alpha * x + beta * 255, alpha = 1 + U(±contrast).
     n, dev = len(x), x.device
     alpha = 1 + _uniform(n, -v["contrast"], v["contrast"], g, dev)
@@ -192,19 +219,20 @@ def brightness_contrast(x: torch.Tensor, v: dict[str, float], g: torch.Generator
     return (x * alpha.view(-1, 1, 1, 1) + beta.view(-1, 1, 1, 1)).clamp(0, 255)
 
 
-def gauss_noise(x: torch.Tensor, v: dict[str, float], g: torch.Generator) -> torch.Tensor:
+def gauss_noise(x: torch.Tensor, v: dict[str, Magnitude], g: torch.Generator) -> torch.Tensor:
     std = _uniform(len(x), 0.0, v["std"], g, x.device) * 255
     noise = torch.randn(x.shape, device=x.device, generator=g) * std.view(-1, 1, 1, 1)
     return (x + noise).clamp(0, 255)
 
 
-def coarse_dropout(x: torch.Tensor, v: dict[str, float], g: torch.Generator) -> torch.Tensor:
+def coarse_dropout(x: torch.Tensor, v: dict[str, Magnitude], g: torch.Generator) -> torch.Tensor:
     n, dev = len(x), x.device
     h, w = x.shape[-2:]
     k = int(v["holes"])
+    size = v["size"].repeat_interleave(k) if isinstance(v["size"], torch.Tensor) else v["size"]
     count = torch.randint(1, k + 1, (n, 1), device=dev, generator=g)
-    hh = (_uniform(n * k, v["size"] / 2, v["size"], g, dev) * h).long().clamp(min=1).view(n, k)
-    ww = (_uniform(n * k, v["size"] / 2, v["size"], g, dev) * w).long().clamp(min=1).view(n, k)
+    hh = (_uniform(n * k, size / 2, size, g, dev) * h).long().clamp(min=1).view(n, k)
+    ww = (_uniform(n * k, size / 2, size, g, dev) * w).long().clamp(min=1).view(n, k)
     y0 = (torch.rand(n, k, device=dev, generator=g) * (h - hh + 1)).long()
     x0 = (torch.rand(n, k, device=dev, generator=g) * (w - ww + 1)).long()
     yy = torch.arange(h, device=dev).view(1, 1, h, 1)
@@ -220,7 +248,7 @@ def coarse_dropout(x: torch.Tensor, v: dict[str, float], g: torch.Generator) -> 
     return x.masked_fill(holes, 0.0)
 
 
-_OPS: dict[str, Callable[[torch.Tensor, dict[str, float], torch.Generator], torch.Tensor]] = {
+_OPS: dict[str, Callable[[torch.Tensor, dict[str, Magnitude], torch.Generator], torch.Tensor]] = {
     "affine": affine,
     "hflip": hflip,
     "vflip": vflip,

@@ -158,7 +158,20 @@ class FusedNets:
                 weight = torch.cat([m.weight for m in mods])  # type: ignore[misc]
                 self._weights.append(weight)
                 bias = None if head.bias is None else torch.cat([m.bias for m in mods])  # type: ignore[misc]
-                x = F.conv2d(x, weight, bias, head.stride, head.padding, head.dilation, k)
+                conv = (head.stride, head.padding, head.dilation)
+                if x.shape[1] == k:
+                    # One input channel per trial: to PyTorch a grouped convolution of that
+                    # shape is depthwise, and its own kernel for that is several times slower
+                    # on a GPU than a convolution per trial through cuDNN.
+                    parts = zip(
+                        x.split(1, dim=1),
+                        weight.chunk(k),
+                        [None] * k if bias is None else bias.chunk(k),
+                        strict=True,
+                    )
+                    x = torch.cat([F.conv2d(xi, w, b, *conv) for xi, w, b in parts], dim=1)  # type: ignore[arg-type]
+                else:
+                    x = F.conv2d(x, weight, bias, *conv, k)  # type: ignore[arg-type]
             elif isinstance(head, nn.modules.batchnorm._BatchNorm):
                 x = self._batch_norm(i, mods, x, training)
             elif isinstance(head, nn.ReLU):
@@ -328,6 +341,20 @@ def _better(value: float, than: float, monitor: str) -> bool:
     return value > than if monitor.endswith("acc") else value < than
 
 
+@dataclass
+class Group:
+    """The slots whose nets share a structure, run as one model for an epoch."""
+
+    slots: list[Slot]
+    nets: FusedNets
+    strength: torch.Tensor
+    """(K,): each trial's augmentation strength."""
+    l1: torch.Tensor | None
+    """(K,): each trial's L1 rate; None where no trial has one."""
+    sums: torch.Tensor
+    """(K, 2): each trial's summed training loss and correct predictions this epoch."""
+
+
 # --- the study loop -------------------------------------------------------------------------
 
 
@@ -342,7 +369,7 @@ class Fused:
         on_trial: Callable[[optuna.Study], None] | None = None,
     ) -> None:
         from cnnops.data.datamodule import BatchIndices
-        from cnnops.train import planned_device_type
+        from cnnops.train import batched_engine, planned_device_type
 
         self.study, self.job, self.prepared, self.on_trial = study, job, prepared, on_trial
         t = job.config.train
@@ -353,6 +380,13 @@ class Fused:
         self.val = self._split("val")
         self.batches = BatchIndices(len(self.y), t.batch_size, shuffle=True, seed=t.seed)
         self.slots: list[Slot] = []
+        # One engine for every trial: the spec at strength 1, each image scaled by its trial's.
+        self.augment = batched_engine(
+            job.config.model_copy(
+                update={"augment": job.config.augment.model_copy(update={"strength": 1.0})}
+            ),
+            prepared,
+        )
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16)
             if t.precision == "bf16-mixed"
@@ -401,7 +435,7 @@ class Fused:
         import lightning as L
         from optuna.storages._heartbeat import get_heartbeat_thread
 
-        from cnnops.train import batched_engine, build_module
+        from cnnops.train import build_module
 
         params = tune.sample(trial, self.job.config)
         config = tune.apply(self.job.config, params)
@@ -412,7 +446,6 @@ class Fused:
             tracker = tune.trial_run(self.job, trial, params)
             L.seed_everything(config.train.seed, verbose=False)  # a trial of its own starts so
             module = build_module(config, self.prepared).to(self.device)
-            module.gpu_augment = batched_engine(config, self.prepared)
             module.total_steps = config.train.max_epochs * len(self.batches)
             optimizer, scheduler, per_step = _optimizer(module)
             slot = Slot(trial, config, module, optimizer, scheduler, per_step, tracker, hold)
@@ -435,25 +468,47 @@ class Fused:
     def _dir(self, slot: Slot) -> Path:
         return tune.trial_dir(self.job, slot.trial.number)
 
-    def _groups(self) -> list[tuple[list[Slot], FusedNets]]:
+    def _groups(self) -> list[Group]:
         by_structure: dict[tuple[str, ...], list[Slot]] = {}
         for slot in self.slots:
             by_structure.setdefault(structure(slot.net), []).append(slot)
-        return [(group, FusedNets([s.net for s in group])) for group in by_structure.values()]
+        groups = []
+        for slots in by_structure.values():
+            l1 = [s.config.train.l1 for s in slots]
+            groups.append(
+                Group(
+                    slots,
+                    FusedNets([s.net for s in slots]),
+                    self._vector([s.config.augment.strength for s in slots]),
+                    self._vector(l1) if any(l1) else None,
+                    torch.zeros(len(slots), 2, device=self.device),
+                )
+            )
+        return groups
 
-    def _inputs(self, group: list[Slot], x: torch.Tensor, train: bool) -> torch.Tensor:
-        """The batch as each trial of `group` takes it, stacked as channels: augmented per
-        trial, or normalized once and repeated (every trial normalizes alike)."""
-        if train and any(s.module.gpu_augment is not None for s in group):
-            return torch.cat([s.module.prepare_input(x, train=True) for s in group], dim=1)
-        return group[0].module.prepare_input(x, train=False).repeat(1, len(group), 1, 1)
+    def _vector(self, values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=self.device)
+
+    def _inputs(self, group: Group, x: torch.Tensor, train: bool) -> torch.Tensor:
+        """The batch as each trial of `group` takes it, stacked as channels (B, K*C, H, W):
+        augmented in one pass, each trial's copy at its own strength, or normalized once and
+        repeated (every trial normalizes alike)."""
+        module, k = group.slots[0].module, len(group.slots)
+        if not train or self.augment is None:
+            return module.prepare_input(x, train=False).repeat(1, k, 1, 1)
+        b = len(x)
+        views = self.augment(x.repeat(k, 1, 1, 1), group.strength.repeat_interleave(b))
+        views = module.normalize(module.standardize(views))  # (K*B, C, H, W), trial-major
+        views = views.view(k, b, *views.shape[1:]).transpose(0, 1).flatten(1, 2)
+        if views.is_cuda and self.job.config.train.channels_last:
+            views = views.contiguous(memory_format=torch.channels_last)
+        return views
 
     def _epoch(self) -> None:
         """Train every slot one epoch on the same batches, validate, and end what ends."""
         started = time.perf_counter()
         groups = self._groups()
         t = self.job.config.train
-        sums = [torch.zeros(len(g), 2, device=self.device) for g, _ in groups]
         order = self.batches.next_epoch().to(self.device)
         for idx in self.batches.split(order):
             signum = runs.pending_signal()
@@ -463,26 +518,25 @@ class Fused:
             for slot in self.slots:
                 slot.optimizer.zero_grad(set_to_none=True)
             total = torch.zeros((), device=self.device)
-            for (group, nets), acc in zip(groups, sums, strict=True):
+            for group in groups:
                 with self.autocast:
-                    logits = nets(self._inputs(group, x, train=True), training=True)
+                    logits = group.nets(self._inputs(group, x, train=True), training=True)
                 losses = _losses(logits, y, t.label_smoothing)
-                acc.add_(_stats(logits, y, losses))
-                l1 = [s.config.train.l1 for s in group]
-                if any(l1):
-                    losses = losses + nets.l1() * torch.tensor(l1, device=self.device)
+                group.sums.add_(_stats(logits, y, losses))
+                if group.l1 is not None:
+                    losses = losses + group.nets.l1() * group.l1
                 total = total + losses.sum()
             total.backward()
             for slot in self.slots:
                 slot.step()
-        for _, nets in groups:
-            nets.sync()
+        for group in groups:
+            group.nets.sync()
         val = self._validate(groups)
         n = len(self.y)
         ended = []
-        for (group, _), acc, scores in zip(groups, sums, val, strict=True):
+        for group, scores in zip(groups, val, strict=True):
             for slot, (loss, correct), (val_loss, val_acc) in zip(
-                group, acc.tolist(), scores, strict=True
+                group.slots, group.sums.tolist(), scores, strict=True
             ):
                 row = {
                     "epoch": slot.epoch + 1,
@@ -503,19 +557,17 @@ class Fused:
             self._finish(slot, outcome)
 
     @torch.no_grad()
-    def _validate(
-        self, groups: list[tuple[list[Slot], FusedNets]]
-    ) -> list[list[tuple[float, float]]]:
+    def _validate(self, groups: list[Group]) -> list[list[tuple[float, float]]]:
         """Each slot's validation loss and accuracy, in the groups' order."""
         x, y = self.val
         size = self.job.config.evaluate.batch_size
         out = []
-        for group, nets in groups:
-            acc = torch.zeros(len(group), 2, device=self.device)
+        for group in groups:
+            acc = torch.zeros(len(group.slots), 2, device=self.device)
             for start in range(0, len(y), size):
                 xb, yb = x[start : start + size], y[start : start + size]
                 with self.autocast:
-                    logits = nets(self._inputs(group, xb, train=False), training=False)
+                    logits = group.nets(self._inputs(group, xb, train=False), training=False)
                 acc.add_(_stats(logits, yb, _losses(logits, yb, 0.0)))
             out.append([(loss / len(y), correct / len(y)) for loss, correct in acc.tolist()])
         return out
