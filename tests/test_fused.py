@@ -60,6 +60,7 @@ def test_fused_nets_compute_each_nets_logits_gradients_and_statistics(batch_norm
     losses = F.cross_entropy(logits.reshape(-1, 10), y.repeat(3), reduction="none")
     l1 = torch.tensor([0.0, 1e-3, 1e-2])
     (losses.view(3, 32).mean(1) + l1 * fused_net.l1()).sum().backward()
+    fused_net.steps += 1  # counted by the caller
     fused_net.sync()
     for net, twin, xi, out, rate in zip(group, twins, x, logits, l1, strict=True):
         twin.train()
@@ -127,7 +128,7 @@ def test_nets_line_up_by_structure_whatever_their_dropout() -> None:
         ("train.precision=16-mixed", "16-mixed"),
         ("train.strategy=ddp", "DDP"),
         ("augment.engine=albumentations", "batched engine"),
-        ("train.cuda_graphs=true", "eagerly"),
+        ("train.cuda_graphs_optimizer=true", "without the optimizers"),
     ],
 )
 def test_settings_that_cannot_be_fused_are_refused_by_key(override: str, message: str) -> None:
@@ -266,3 +267,43 @@ def test_trials_trained_together_score_as_trials_trained_one_by_one(digits: Path
         study = open_study(digits, *overrides)
         values[at_once] = [t.value for t in study.trials]
     assert values[2] == pytest.approx(values[1], rel=1e-4)  # to float rounding
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_a_captured_fused_step_trains_as_the_eager_one(workdir: Path) -> None:
+    from cnnops import tune
+    from cnnops.data.sources import fetch
+
+    base = load_config(workdir / "params.yaml")
+    fetch(base.fetch, base.paths.raw)
+    prepare.prepare(base, base.paths.raw, base.paths.prepared, base.paths.reports / "data.json")
+    data = prepare.load(base.paths.prepared)
+    values, graphed = {}, {}
+    for graphs in ("false", "true"):
+        name = f"graphs-{graphs}"
+        config = load_config(
+            workdir / "params.yaml",
+            [
+                "tune.n_trials=2",
+                "train.max_epochs=3",
+                "train.early_stopping.enabled=false",
+                "tune.pruner.name=none",
+                "tune.trials_at_once=2",
+                f"train.cuda_graphs={graphs}",
+                f"tune.study_name={name}",
+            ],
+        )
+        url = studies.storage_url(config)
+        study = optuna.create_study(study_name=name, storage=studies.open_storage(url, print))
+        for lr in (3e-3, 1e-2):
+            study.enqueue_trial(
+                {"dropout_conv": 0.0, "dropout_fc": 0.0, "noise_std": 0.0, "lr": lr}
+            )
+        job = tune.Job(config, name, url)
+        study = tune.open_study(job)
+        fused.run(study, job, data)
+        values[graphs] = [t.value for t in study.trials]
+        graphed[graphs] = {t.user_attrs["metrics"]["cuda_graphs"] for t in study.trials}
+    assert graphed == {"false": {False}, "true": {True}}
+    assert values["true"] == pytest.approx(values["false"], rel=1e-3)

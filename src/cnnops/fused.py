@@ -25,6 +25,7 @@ never waits on checkpoint files.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import traceback
@@ -40,6 +41,7 @@ from torch import nn
 
 from cnnops import runs, tune
 from cnnops.errors import ConfigError, DataError
+from cnnops.graphs import CapturedStep
 from cnnops.models.cnn import GaussianNoise, SeedCNN
 
 if TYPE_CHECKING:
@@ -71,8 +73,11 @@ def check(config: Config) -> None:
         why = "DDP trials (train.strategy = 'ddp') train one at a time"
     elif t.precision == "16-mixed":
         why = "16-mixed scales each trial's loss on its own; use bf16-mixed or 32"
-    elif t.compile or t.cuda_graphs is True or t.cuda_graphs_optimizer is True:
-        why = "fused trials run eagerly; set train.compile, cuda_graphs and cuda_graphs_optimizer to false or auto"
+    elif t.compile or t.cuda_graphs_optimizer is True:
+        why = (
+            "the fused step is captured without the optimizers; set train.compile and "
+            "cuda_graphs_optimizer to false or auto"
+        )
     elif config.augment.transforms:
         from cnnops.augment import resolve
         from cnnops.augment_batched import supports
@@ -121,7 +126,9 @@ class FusedNets:
         device = next(nets[0].parameters()).device
         self._rates: dict[tuple[int, str], torch.Tensor] = {}
         self._stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._steps = 0  # training calls since the last sync
+        self.steps = 0
+        """Training steps since the last sync (counted by the caller: a replayed graph calls
+        nothing here)."""
         self._weights: list[torch.Tensor] = []  # the last call's conv and linear weights
         for i, layer in enumerate(self.layers):
             head = layer[0].module
@@ -150,7 +157,6 @@ class FusedNets:
         """Logits (K, B, classes) of the K trials' inputs stacked as channels (B, K*C, H, W)."""
         k = self.k
         self._weights = []
-        self._steps += training
         for i, layer in enumerate(self.layers):
             mods = [s.module for s in layer]
             head = mods[0]
@@ -233,8 +239,8 @@ class FusedNets:
                 ):
                     s.module.running_mean.copy_(m)  # type: ignore[operator]
                     s.module.running_var.copy_(v)  # type: ignore[operator]
-                    s.module.num_batches_tracked.add_(self._steps)  # type: ignore[operator]
-        self._steps = 0
+                    s.module.num_batches_tracked.add_(self.steps)  # type: ignore[operator]
+        self.steps = 0
 
 
 # --- one trial in a slot --------------------------------------------------------------------
@@ -261,6 +267,8 @@ class Slot:
     best_state: dict[str, torch.Tensor] | None = None
     """The best epoch's row and weights (on the device): what the checkpoint keeps."""
 
+    graphed: bool = False
+    """Whether any of its epochs replayed a captured step."""
     snapshot: dict[str, Any] | None = None
     """The trial as it stood after its last finished epoch (on the device), written to
     `RESUME` when a signal stops the study."""
@@ -387,8 +395,9 @@ class Fused:
             ),
             prepared,
         )
+        # Without autocast's weight-cast cache, which a captured step cannot hold.
         self.autocast = (
-            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)
             if t.precision == "bf16-mixed"
             else nullcontext()
         )
@@ -508,27 +517,23 @@ class Fused:
         """Train every slot one epoch on the same batches, validate, and end what ends."""
         started = time.perf_counter()
         groups = self._groups()
-        t = self.job.config.train
+        step = self._captured(groups) or functools.partial(self._step, groups)
         order = self.batches.next_epoch().to(self.device)
         for idx in self.batches.split(order):
             signum = runs.pending_signal()
             if signum is not None:
                 raise runs.Interrupted(signum)
-            x, y = self.x[idx], self.y[idx]
-            for slot in self.slots:
-                slot.optimizer.zero_grad(set_to_none=True)
-            total = torch.zeros((), device=self.device)
+            if not isinstance(step, CapturedStep):
+                for slot in self.slots:
+                    slot.optimizer.zero_grad(set_to_none=True)
+            step(self.x[idx], self.y[idx])
             for group in groups:
-                with self.autocast:
-                    logits = group.nets(self._inputs(group, x, train=True), training=True)
-                losses = _losses(logits, y, t.label_smoothing)
-                group.sums.add_(_stats(logits, y, losses))
-                if group.l1 is not None:
-                    losses = losses + group.nets.l1() * group.l1
-                total = total + losses.sum()
-            total.backward()
+                group.nets.steps += 1
             for slot in self.slots:
                 slot.step()
+        if isinstance(step, CapturedStep) and step.replays:
+            for slot in self.slots:
+                slot.graphed = True
         for group in groups:
             group.nets.sync()
         val = self._validate(groups)
@@ -555,6 +560,36 @@ class Fused:
         for slot, outcome in ended:
             self.slots.remove(slot)
             self._finish(slot, outcome)
+
+    def _step(self, groups: list[Group], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of every group on one batch; each trial's loss and hits add
+        up in its group's `sums`. Returns the summed loss, detached."""
+        smoothing = self.job.config.train.label_smoothing
+        total = torch.zeros((), device=self.device)
+        for group in groups:
+            with self.autocast:
+                logits = group.nets(self._inputs(group, x, train=True), training=True)
+            losses = _losses(logits, y, smoothing)
+            group.sums.add_(_stats(logits, y, losses))
+            if group.l1 is not None:
+                losses = losses + group.nets.l1() * group.l1
+            total = total + losses.sum()
+        total.backward()
+        return total.detach()
+
+    def _captured(self, groups: list[Group]) -> CapturedStep | None:
+        """This epoch's step captured as a CUDA graph once warm (`train.cuda_graphs`), or None
+        where it stays eager. The groups change only between epochs, so one capture serves an
+        epoch; the optimizers step eagerly, each after the replay."""
+        t = self.job.config.train
+        if self.device.type != "cuda" or t.cuda_graphs is False:
+            return None
+        return CapturedStep(
+            functools.partial(self._step, groups),
+            nn.ModuleList([s.module for s in self.slots]),
+            generators=getattr(self.augment, "generators", tuple),
+            required=t.cuda_graphs is True,
+        )
 
     @torch.no_grad()
     def _validate(self, groups: list[Group]) -> list[list[tuple[float, float]]]:
@@ -602,7 +637,7 @@ class Fused:
                     "train_seconds": round(elapsed, 2),
                     "device_seconds": round(elapsed, 2),
                     "peak_memory_mb": peak_memory_mb(self.device),
-                    "cuda_graphs": False,
+                    "cuda_graphs": slot.graphed,
                     "cuda_graphs_optimizer": False,
                     "data_placement": "device",
                     "trials_at_once": job.config.tune.trials_at_once,
