@@ -4,9 +4,12 @@
     python benchmarks/tune_speed.py --mirror DIR --workers 1 --trials-at-once 8
 
 Runs, as a user would, in a scratch folder with the MNIST pipeline's params: `cnnops fetch`,
-`cnnops prepare`, one `cnnops train` (timed, process start to exit), then `cnnops tune --workers N`
-(timed), each worker training `--trials-at-once` trials together (`tune.trials_at_once`). Prints both times and their ratio, the best validation accuracy, how many trials were
-pruned, and the most trials that ran at once (from their start times and durations).
+`cnnops prepare`, `cnnops train` twice (timed, process start to exit; the second, warm, is the
+baseline), then `cnnops tune --workers N`
+(timed), each worker training `--trials-at-once` trials together (`tune.trials_at_once`).
+Prints both times and their ratio, the best validation accuracy, how many trials were
+pruned, the trial epochs run, the span from the first trial's start to the last one's end,
+and the most trials that ran at once (from their start times and durations).
 """
 
 from __future__ import annotations
@@ -36,6 +39,22 @@ def most_at_once(rows: list[dict[str, str]]) -> int:
         running += step
         peak = max(peak, running)
     return peak
+
+
+def study_span(rows: list[dict[str, str]]) -> float:
+    """Seconds from the first trial's start to the last one's end: the study without the
+    process's start-up and reports."""
+    spans = [
+        (
+            start := datetime.fromisoformat(r["started"]),
+            start + timedelta(seconds=float(r["duration_s"])),
+        )
+        for r in rows
+        if r["started"] and r["duration_s"]
+    ]
+    if not spans:
+        return 0.0
+    return (max(e for _, e in spans) - min(s for s, _ in spans)).total_seconds()
 
 
 def main() -> None:
@@ -76,6 +95,7 @@ def main() -> None:
 
         run("fetch")
         run("prepare")
+        first_train_s = run("train")  # the first process on a machine warms its file caches
         train_s = run("train")
         tune_s = run("tune", "--workers", str(args.workers))
         summary = json.loads((Path(tmp) / "reports/tune/tune.json").read_text())
@@ -84,6 +104,7 @@ def main() -> None:
     print(
         json.dumps(
             {
+                "first_train_s": round(first_train_s, 1),
                 "train_s": round(train_s, 1),
                 "tune_s": round(tune_s, 1),
                 "ratio": round(tune_s / train_s, 2),
@@ -93,6 +114,8 @@ def main() -> None:
                 "failed": summary["failed"],
                 "best_val_acc": summary["best_val_acc"],
                 "most_trials_at_once": most_at_once(rows),
+                "trial_epochs": sum(int(r["epochs"] or 0) for r in rows),
+                "study_s": round(study_span(rows), 1),
                 "workers": args.workers,
                 "trials_at_once": args.trials_at_once,
             },

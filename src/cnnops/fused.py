@@ -3,17 +3,17 @@
     cnnops tune --set tune.trials_at_once=8
 
 A small network leaves most of a GPU idle, and trials in separate processes take turns on it
-rather than share it. Here up to K trials train at once as one batched model (HFTA, Wang et al.,
-MLSys 2021): the nets of one structure run their convolutions as one grouped convolution (a group
-per trial), their linear layers as one batched matrix product, batch norm over the stacked
-channels, and dropout and noise at each trial's own rate. The trials' losses add up, so each
-trial's gradient is its own; each keeps its own optimizer and schedule. All trials see the same
-batches; with augmentation each draws its own views, at its own strength.
+rather than share it. Here up to K trials train at once on the same batches: each trial's step
+is its own net's forward and backward pass, issued on a CUDA stream of its own, and on CUDA the
+K steps of a batch are captured as one CUDA graph with a branch per trial, so one replay runs the
+trials' kernels side by side. Augmentation is one pass over K copies of the batch, each copy at
+its trial's strength. Each trial keeps its own optimizer and schedule, stepped after the replay.
 
-Each trial is still the train stage's `Classifier`, built from its params like a trial of its
-own, and its best checkpoint is one `cnnops register` and `cnnops evaluate` read as any other.
-Optuna's ask-and-tell drives the K slots: after every epoch each trial reports its validation
-metric and is pruned, stops early or finishes, and its slot takes the next trial asked.
+Each trial is the train stage's `Classifier`, built from its params like a trial of its own,
+computing its loss, L1, dropout, noise and batch norm with the train stage's code; its best
+checkpoint is one `cnnops register` and `cnnops evaluate` read as any other. Optuna's
+ask-and-tell drives the K slots: after every epoch each trial reports its validation metric and
+is pruned, stops early or finishes, and its slot takes the next trial asked.
 
 Differences from trials run one at a time, all within a study's noise: a trial that joins
 mid-study sees the study's epoch order of batches, not its own; its MLflow run has the curves
@@ -25,8 +25,8 @@ never waits on checkpoint files.
 
 from __future__ import annotations
 
-import functools
 import math
+import os
 import time
 import traceback
 from contextlib import ExitStack, nullcontext
@@ -36,16 +36,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cnnops import runs, tune
 from cnnops.errors import ConfigError, DataError
 from cnnops.graphs import CapturedStep
-from cnnops.models.cnn import GaussianNoise, SeedCNN
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable
 
     import optuna
 
@@ -86,161 +84,6 @@ def check(config: Config) -> None:
             why = "augmentation must run on the batched engine (augment.engine auto or batched, its transforms only)"
     if why:
         raise ConfigError(f"{key}: {why}; or set it to 1")
-
-
-# --- the fused network ----------------------------------------------------------------------
-
-
-@dataclass
-class Stage:
-    """One layer of a net, with the rate of the dropout that follows it (0: none)."""
-
-    module: nn.Module
-    dropout: float = 0.0
-
-
-def stages(net: SeedCNN) -> list[Stage]:
-    """The seed CNN's layers in order, each dropout folded into the layer before it: nets that
-    differ only in their dropout rates (0 leaves the layer out) line up layer by layer."""
-    out: list[Stage] = []
-    for m in [*net.features, *net.classifier]:
-        if isinstance(m, (nn.Dropout, nn.Dropout2d)):
-            out[-1].dropout = m.p
-        else:
-            out.append(Stage(m))
-    return out
-
-
-def structure(net: SeedCNN) -> tuple[str, ...]:
-    """What must match for nets to run as one: their layers' kinds (batch norm or not)."""
-    return tuple(type(s.module).__name__ for s in stages(net))
-
-
-class FusedNets:
-    """K nets of one structure run as one. Built per epoch: the nets' batch-norm statistics
-    live in stacked buffers meanwhile, written back by `sync()`."""
-
-    def __init__(self, nets: Sequence[SeedCNN]) -> None:
-        self.k = len(nets)
-        self.layers = list(zip(*(stages(n) for n in nets), strict=True))
-        device = next(nets[0].parameters()).device
-        self._rates: dict[tuple[int, str], torch.Tensor] = {}
-        self._stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.steps = 0
-        """Training steps since the last sync (counted by the caller: a replayed graph calls
-        nothing here)."""
-        self._weights: list[torch.Tensor] = []  # the last call's conv and linear weights
-        for i, layer in enumerate(self.layers):
-            head = layer[0].module
-            if isinstance(head, GaussianNoise):
-                self._rates[i, "noise"] = self._vector([s.module.std for s in layer], device)  # type: ignore[attr-defined]
-            if any(s.dropout for s in layer):
-                self._rates[i, "keep"] = self._vector([1 - s.dropout for s in layer], device)
-            if isinstance(head, nn.modules.batchnorm._BatchNorm):
-                bns = [s.module for s in layer]
-                self._stats[i] = (
-                    torch.cat([m.running_mean for m in bns]),  # type: ignore[misc]
-                    torch.cat([m.running_var for m in bns]),  # type: ignore[misc]
-                )
-
-    @staticmethod
-    def _vector(values: list[float], device: torch.device) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=device)
-
-    def _per_trial(self, rate: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """A per-trial rate shaped to multiply `x`: (B, K*C, H, W) or (K, B, F)."""
-        if x.dim() == 4:
-            return rate.repeat_interleave(x.shape[1] // self.k).view(1, -1, 1, 1)
-        return rate.view(self.k, 1, 1)
-
-    def __call__(self, x: torch.Tensor, training: bool) -> torch.Tensor:
-        """Logits (K, B, classes) of the K trials' inputs stacked as channels (B, K*C, H, W)."""
-        k = self.k
-        self._weights = []
-        for i, layer in enumerate(self.layers):
-            mods = [s.module for s in layer]
-            head = mods[0]
-            if isinstance(head, nn.Conv2d):
-                weight = torch.cat([m.weight for m in mods])  # type: ignore[misc]
-                self._weights.append(weight)
-                bias = None if head.bias is None else torch.cat([m.bias for m in mods])  # type: ignore[misc]
-                conv = (head.stride, head.padding, head.dilation)
-                if x.shape[1] == k:
-                    # One input channel per trial: to PyTorch a grouped convolution of that
-                    # shape is depthwise, and its own kernel for that is several times slower
-                    # on a GPU than a convolution per trial through cuDNN.
-                    parts = zip(
-                        x.split(1, dim=1),
-                        weight.chunk(k),
-                        [None] * k if bias is None else bias.chunk(k),
-                        strict=True,
-                    )
-                    x = torch.cat([F.conv2d(xi, w, b, *conv) for xi, w, b in parts], dim=1)  # type: ignore[arg-type]
-                else:
-                    x = F.conv2d(x, weight, bias, *conv, k)  # type: ignore[arg-type]
-            elif isinstance(head, nn.modules.batchnorm._BatchNorm):
-                x = self._batch_norm(i, mods, x, training)
-            elif isinstance(head, nn.ReLU):
-                x = F.relu(x)
-            elif isinstance(head, GaussianNoise):
-                if training:
-                    x = x + torch.randn_like(x) * self._per_trial(self._rates[i, "noise"], x)
-            elif isinstance(head, nn.Flatten):
-                x = x.reshape(x.shape[0], k, -1).transpose(0, 1)  # (K, B, features)
-            elif isinstance(head, nn.Linear):
-                stacked = torch.stack([m.weight for m in mods])  # type: ignore[misc]
-                self._weights.append(stacked)
-                weight = stacked.transpose(1, 2)
-                if head.bias is None:
-                    x = torch.bmm(x, weight)
-                else:
-                    bias = torch.stack([m.bias for m in mods]).unsqueeze(1)  # type: ignore[misc]
-                    x = torch.baddbmm(bias, x, weight)
-            else:  # pooling: per channel, so per trial
-                x = head(x)
-            if training and (i, "keep") in self._rates:
-                x = self._dropout(x, self._rates[i, "keep"])
-        return x
-
-    def _dropout(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        # Dropout2d after a conv block drops whole channels; Dropout in the head, single units.
-        shape = (*x.shape[:2], 1, 1) if x.dim() == 4 else x.shape
-        p = self._per_trial(keep, x)
-        mask = torch.rand(shape, device=x.device) < p
-        return x * mask / p
-
-    def _batch_norm(
-        self, i: int, mods: list[nn.Module], x: torch.Tensor, training: bool
-    ) -> torch.Tensor:
-        head = mods[0]
-        mean, var = self._stats[i]
-        weight = torch.cat([m.weight for m in mods])  # type: ignore[misc]
-        bias = torch.cat([m.bias for m in mods])  # type: ignore[misc]
-        momentum, eps = head.momentum, head.eps  # type: ignore[attr-defined]
-        if x.dim() == 4:
-            return F.batch_norm(x, mean, var, weight, bias, training, momentum, eps)  # type: ignore[arg-type]
-        b = x.shape[1]
-        flat = x.transpose(0, 1).reshape(b, -1)  # (B, K*F): a channel per trial and unit
-        out = F.batch_norm(flat, mean, var, weight, bias, training, momentum, eps)  # type: ignore[arg-type]
-        return out.view(b, self.k, -1).transpose(0, 1)
-
-    def l1(self) -> torch.Tensor:
-        """Each trial's sum of absolute weights (conv and linear, not biases or batch norm) in
-        the last call, as `Classifier.l1_penalty` sums them: (K,)."""
-        return torch.stack([w.abs().reshape(self.k, -1).sum(1) for w in self._weights]).sum(0)
-
-    def sync(self) -> None:
-        """Write the stacked batch-norm statistics, and the training steps they saw, back into
-        each net's own buffers."""
-        with torch.no_grad():
-            for i, (mean, var) in self._stats.items():
-                for s, m, v in zip(
-                    self.layers[i], mean.chunk(self.k), var.chunk(self.k), strict=True
-                ):
-                    s.module.running_mean.copy_(m)  # type: ignore[operator]
-                    s.module.running_var.copy_(v)  # type: ignore[operator]
-                    s.module.num_batches_tracked.add_(self.steps)  # type: ignore[operator]
-        self.steps = 0
 
 
 # --- one trial in a slot --------------------------------------------------------------------
@@ -300,11 +143,6 @@ class Slot:
         self.snapshot = None
 
     @property
-    def net(self) -> SeedCNN:
-        assert isinstance(self.module.net, SeedCNN)  # `check` refuses other models
-        return self.module.net
-
-    @property
     def epoch(self) -> int:
         return len(self.rows)
 
@@ -349,20 +187,6 @@ def _better(value: float, than: float, monitor: str) -> bool:
     return value > than if monitor.endswith("acc") else value < than
 
 
-@dataclass
-class Group:
-    """The slots whose nets share a structure, run as one model for an epoch."""
-
-    slots: list[Slot]
-    nets: FusedNets
-    strength: torch.Tensor
-    """(K,): each trial's augmentation strength."""
-    l1: torch.Tensor | None
-    """(K,): each trial's L1 rate; None where no trial has one."""
-    sums: torch.Tensor
-    """(K, 2): each trial's summed training loss and correct predictions this epoch."""
-
-
 # --- the study loop -------------------------------------------------------------------------
 
 
@@ -384,10 +208,18 @@ class Fused:
         self.device = torch.device(planned_device_type(t))
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")
+        if t.deterministic:  # as the train stage's Trainer(deterministic=True) sets it
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.benchmark = False
+            torch.use_deterministic_algorithms(True)
         self.x, self.y = self._split("train")
         self.val = self._split("val")
         self.batches = BatchIndices(len(self.y), t.batch_size, shuffle=True, seed=t.seed)
         self.slots: list[Slot] = []
+        k = job.config.tune.trials_at_once
+        self.streams = (
+            [torch.cuda.Stream(self.device) for _ in range(k)] if self.device.type == "cuda" else []
+        )
         # One engine for every trial: the spec at strength 1, each image scaled by its trial's.
         self.augment = batched_engine(
             job.config.model_copy(
@@ -455,6 +287,8 @@ class Fused:
             tracker = tune.trial_run(self.job, trial, params)
             L.seed_everything(config.train.seed, verbose=False)  # a trial of its own starts so
             module = build_module(config, self.prepared).to(self.device)
+            if self.device.type == "cuda" and config.train.channels_last:  # as the train stage
+                module = module.to(memory_format=torch.channels_last)
             module.total_steps = config.train.max_epochs * len(self.batches)
             optimizer, scheduler, per_step = _optimizer(module)
             slot = Slot(trial, config, module, optimizer, scheduler, per_step, tracker, hold)
@@ -477,47 +311,44 @@ class Fused:
     def _dir(self, slot: Slot) -> Path:
         return tune.trial_dir(self.job, slot.trial.number)
 
-    def _groups(self) -> list[Group]:
-        by_structure: dict[tuple[str, ...], list[Slot]] = {}
-        for slot in self.slots:
-            by_structure.setdefault(structure(slot.net), []).append(slot)
-        groups = []
-        for slots in by_structure.values():
-            l1 = [s.config.train.l1 for s in slots]
-            groups.append(
-                Group(
-                    slots,
-                    FusedNets([s.net for s in slots]),
-                    self._vector([s.config.augment.strength for s in slots]),
-                    self._vector(l1) if any(l1) else None,
-                    torch.zeros(len(slots), 2, device=self.device),
-                )
-            )
-        return groups
+    def _inputs(self, x: torch.Tensor, train: bool) -> list[torch.Tensor]:
+        """The batch as each slot's net takes it: augmented in one pass, each trial's copy at its
+        own strength, or normalized once for all (every trial normalizes alike)."""
+        module, k = self.slots[0].module, len(self.slots)
+        if not train or self.augment is None:
+            return [module.prepare_input(x, train=False)] * k
+        strength = self._vector([s.config.augment.strength for s in self.slots])
+        views = self.augment(x.repeat(k, 1, 1, 1), strength.repeat_interleave(len(x)))
+        return list(module.prepare_input(module.standardize(views), train=False).chunk(k))
 
     def _vector(self, values: list[float]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.float32, device=self.device)
 
-    def _inputs(self, group: Group, x: torch.Tensor, train: bool) -> torch.Tensor:
-        """The batch as each trial of `group` takes it, stacked as channels (B, K*C, H, W):
-        augmented in one pass, each trial's copy at its own strength, or normalized once and
-        repeated (every trial normalizes alike)."""
-        module, k = group.slots[0].module, len(group.slots)
-        if not train or self.augment is None:
-            return module.prepare_input(x, train=False).repeat(1, k, 1, 1)
-        b = len(x)
-        views = self.augment(x.repeat(k, 1, 1, 1), group.strength.repeat_interleave(b))
-        views = module.normalize(module.standardize(views))  # (K*B, C, H, W), trial-major
-        views = views.view(k, b, *views.shape[1:]).transpose(0, 1).flatten(1, 2)
-        if views.is_cuda and self.job.config.train.channels_last:
-            views = views.contiguous(memory_format=torch.channels_last)
-        return views
+    def _side_by_side(
+        self, work: Callable[[Slot, torch.Tensor], object], inputs: list[torch.Tensor]
+    ) -> None:
+        """`work(slot, its input)` for every slot, each on a CUDA stream of its own that forks
+        from the current stream and joins it again: the trials' kernels overlap, and a capture
+        records them as parallel branches of one graph."""
+        if self.device.type != "cuda":
+            for slot, x in zip(self.slots, inputs, strict=True):
+                work(slot, x)
+            return
+        main = torch.cuda.current_stream(self.device)
+        streams = self.streams[: len(self.slots)]
+        for slot, x, stream in zip(self.slots, inputs, streams, strict=True):
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                work(slot, x)
+        for stream in streams:
+            main.wait_stream(stream)
 
     def _epoch(self) -> None:
         """Train every slot one epoch on the same batches, validate, and end what ends."""
         started = time.perf_counter()
-        groups = self._groups()
-        step = self._captured(groups) or functools.partial(self._step, groups)
+        for slot in self.slots:
+            slot.module.train()
+        step = self._captured() or self._step
         order = self.batches.next_epoch().to(self.device)
         for idx in self.batches.split(order):
             signum = runs.pending_signal()
@@ -527,85 +358,80 @@ class Fused:
                 for slot in self.slots:
                     slot.optimizer.zero_grad(set_to_none=True)
             step(self.x[idx], self.y[idx])
-            for group in groups:
-                group.nets.steps += 1
             for slot in self.slots:
                 slot.step()
         if isinstance(step, CapturedStep) and step.replays:
             for slot in self.slots:
                 slot.graphed = True
-        for group in groups:
-            group.nets.sync()
-        val = self._validate(groups)
-        n = len(self.y)
+        self._validate()
+        n, n_val = len(self.y), len(self.val[1])
         ended = []
-        for group, scores in zip(groups, val, strict=True):
-            for slot, (loss, correct), (val_loss, val_acc) in zip(
-                group.slots, group.sums.tolist(), scores, strict=True
-            ):
-                row = {
-                    "epoch": slot.epoch + 1,
-                    "train_loss": round(loss / n, 6),
-                    "train_acc": round(correct / n, 6),
-                    "val_loss": round(val_loss, 6),
-                    "val_acc": round(val_acc, 6),
-                    "lr": slot.optimizer.param_groups[0]["lr"],
-                    "epoch_seconds": round(time.perf_counter() - started, 4),
-                }
-                outcome = slot.end_epoch(row)
-                if outcome:
-                    ended.append((slot, outcome))
-                else:
-                    slot.take_snapshot()
+        for slot in self.slots:
+            (loss, correct), (val_loss, val_correct) = (
+                _take(slot.module, s) for s in ("train", "val")
+            )
+            row = {
+                "epoch": slot.epoch + 1,
+                "train_loss": round(loss / n, 6),
+                "train_acc": round(correct / n, 6),
+                "val_loss": round(val_loss / n_val, 6),
+                "val_acc": round(val_correct / n_val, 6),
+                "lr": slot.optimizer.param_groups[0]["lr"],
+                "epoch_seconds": round(time.perf_counter() - started, 4),
+            }
+            outcome = slot.end_epoch(row)
+            if outcome:
+                ended.append((slot, outcome))
+            else:
+                slot.take_snapshot()
         for slot, outcome in ended:
             self.slots.remove(slot)
             self._finish(slot, outcome)
 
-    def _step(self, groups: list[Group], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Forward and backward of every group on one batch; each trial's loss and hits add
-        up in its group's `sums`. Returns the summed loss, detached."""
-        smoothing = self.job.config.train.label_smoothing
-        total = torch.zeros((), device=self.device)
-        for group in groups:
-            with self.autocast:
-                logits = group.nets(self._inputs(group, x, train=True), training=True)
-            losses = _losses(logits, y, smoothing)
-            group.sums.add_(_stats(logits, y, losses))
-            if group.l1 is not None:
-                losses = losses + group.nets.l1() * group.l1
-            total = total + losses.sum()
-        total.backward()
-        return total.detach()
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Every slot's forward and backward pass on one batch, as the train stage's step
+        computes it (its loss and L1 penalty; loss and hits add up in the module's sums).
+        Returns the summed loss, detached."""
+        losses: list[torch.Tensor] = []
 
-    def _captured(self, groups: list[Group]) -> CapturedStep | None:
+        def train(slot: Slot, inputs: torch.Tensor) -> None:
+            with self.autocast:
+                loss = slot.module._train_loss(inputs, y)
+            loss.backward()
+            losses.append(loss.detach())
+
+        self._side_by_side(train, self._inputs(x, train=True))
+        return torch.stack(losses).sum()
+
+    def _captured(self) -> CapturedStep | None:
         """This epoch's step captured as a CUDA graph once warm (`train.cuda_graphs`), or None
-        where it stays eager. The groups change only between epochs, so one capture serves an
+        where it stays eager. The slots change only between epochs, so one capture serves an
         epoch; the optimizers step eagerly, each after the replay."""
         t = self.job.config.train
         if self.device.type != "cuda" or t.cuda_graphs is False:
             return None
         return CapturedStep(
-            functools.partial(self._step, groups),
+            self._step,
             nn.ModuleList([s.module for s in self.slots]),
             generators=getattr(self.augment, "generators", tuple),
             required=t.cuda_graphs is True,
         )
 
     @torch.no_grad()
-    def _validate(self, groups: list[Group]) -> list[list[tuple[float, float]]]:
-        """Each slot's validation loss and accuracy, in the groups' order."""
+    def _validate(self) -> None:
+        """Every slot's validation loss and hits, added up in its module's sums."""
         x, y = self.val
         size = self.job.config.evaluate.batch_size
-        out = []
-        for group in groups:
-            acc = torch.zeros(len(group.slots), 2, device=self.device)
-            for start in range(0, len(y), size):
-                xb, yb = x[start : start + size], y[start : start + size]
+        for slot in self.slots:
+            slot.module.eval()
+        for start in range(0, len(y), size):
+            yb = y[start : start + size]
+
+            def score(slot: Slot, inputs: torch.Tensor, yb: torch.Tensor = yb) -> None:
                 with self.autocast:
-                    logits = group.nets(self._inputs(group, xb, train=False), training=False)
-                acc.add_(_stats(logits, yb, _losses(logits, yb, 0.0)))
-            out.append([(loss / len(y), correct / len(y)) for loss, correct in acc.tolist()])
-        return out
+                    slot.module._step(inputs, yb, "val")
+
+            self._side_by_side(score, self._inputs(x[start : start + size], train=False))
 
     def _finish(self, slot: Slot, outcome: str) -> None:
         """Tell Optuna how the trial ended, save its best checkpoint, close its MLflow run."""
@@ -707,19 +533,15 @@ def _optimizer(module: Classifier) -> tuple[torch.optim.Optimizer, Any, bool]:
     return configured["optimizer"], scheduler["scheduler"], scheduler["interval"] == "step"
 
 
-def _losses(logits: torch.Tensor, y: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """Each trial's mean cross-entropy over the batch: (K,)."""
-    k, b = logits.shape[:2]
-    losses = F.cross_entropy(
-        logits.reshape(k * b, -1).float(), y.repeat(k), reduction="none", label_smoothing=smoothing
-    )
-    return losses.view(k, b).mean(1)
-
-
-def _stats(logits: torch.Tensor, y: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
-    """(K, 2): each trial's summed loss and correct predictions in this batch."""
-    correct = (logits.argmax(-1) == y).sum(1).float()
-    return torch.stack([losses.detach() * len(y), correct], 1)
+def _take(module: Classifier, stage: str) -> tuple[float, float]:
+    """The summed loss and hits of `stage` that `module` added up since the last take; its sums
+    are zeroed in place (a captured step keeps adding into the same tensor)."""
+    sums = module._sums.get(stage)
+    if sums is None:
+        return 0.0, 0.0
+    loss, correct = sums.tolist()
+    sums.zero_()
+    return loss, correct
 
 
 def _save_best(slot: Slot, out: Path) -> Path:

@@ -313,7 +313,8 @@ class ClosesRun:
 
 class MlflowTracker(ClosesRun):
     """One MLflow run; metrics and images go out asynchronously and are flushed on `close`, and
-    system metrics (CPU, memory, GPU) are sampled every second while it is open. As a context
+    system metrics (CPU, memory, GPU) are sampled every second while it is open (unless
+    `system_metrics` is false: a run that shares its process with others). As a context
     manager it closes the run FINISHED, KILLED when a signal stopped the block, or FAILED.
 
     If the server stops answering mid-run, calls are kept instead of raised, and replayed in
@@ -327,6 +328,7 @@ class MlflowTracker(ClosesRun):
         tags: dict[str, str] | None = None,
         run_id: str | None = None,
         mlflow_client: MlflowClient | None = None,
+        system_metrics: bool = True,
     ) -> None:
         self.cfg = cfg
         self.client = mlflow_client or client(cfg)
@@ -346,7 +348,7 @@ class MlflowTracker(ClosesRun):
                 experiment_id(self.client, cfg), run_name=run_name, tags=all_tags
             )
             self.run_id = run.info.run_id
-        self._system = _system_monitor(cfg, self.run_id, resume=reopened)
+        self._system = _system_monitor(cfg, self.run_id, reopened) if system_metrics else None
 
     def _reopen(self, run_id: str) -> bool:
         """Mark `run_id` RUNNING again; False when this store does not hold it."""

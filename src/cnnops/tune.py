@@ -115,8 +115,13 @@ def trial_run(job: Job, trial: optuna.Trial, params: dict[str, Any]) -> Any:
             "optuna.study": job.study,
             "optuna.trial": str(trial.number),
         }
+        # Trials trained at once share a process and a device: the study's run samples them.
         tracker = tracking.MlflowTracker(
-            job.config.mlflow, f"trial-{trial.number}", parent_run_id=job.parent_run_id, tags=tags
+            job.config.mlflow,
+            f"trial-{trial.number}",
+            parent_run_id=job.parent_run_id,
+            tags=tags,
+            system_metrics=job.config.tune.trials_at_once == 1,
         )
         trial.set_user_attr("mlflow_run_id", tracker.run_id)
     tracker.log_params({f"hp.{k}": v for k, v in params.items()})
