@@ -190,7 +190,9 @@ def test_a_captured_fused_step_trains_as_the_eager_one(workdir: Path) -> None:
     prepare.prepare(base, base.paths.raw, base.paths.prepared, base.paths.reports / "data.json")
     data = prepare.load(base.paths.prepared)
     values, graphed = {}, {}
-    for graphs in ("false", "true"):
+    augmented = "augment.transforms=[{name: affine, p: 1.0}]"  # random: captured, not compared
+    exact = "train.deterministic=true"  # cuDNN's fastest kernels add in any order
+    for graphs, extra in (("false", [exact]), ("true", [exact]), ("augmented", [augmented])):
         name = f"graphs-{graphs}"
         config = load_config(
             workdir / "params.yaml",
@@ -198,11 +200,11 @@ def test_a_captured_fused_step_trains_as_the_eager_one(workdir: Path) -> None:
                 "tune.n_trials=2",
                 "train.max_epochs=3",
                 "train.early_stopping.enabled=false",
-                "train.deterministic=true",  # cuDNN's fastest kernels add in any order
                 "tune.pruner.name=none",
                 "tune.trials_at_once=2",
-                f"train.cuda_graphs={graphs}",
+                f"train.cuda_graphs={'false' if graphs == 'false' else 'true'}",
                 f"tune.study_name={name}",
+                *extra,
             ],
         )
         url = studies.storage_url(config)
@@ -219,5 +221,5 @@ def test_a_captured_fused_step_trains_as_the_eager_one(workdir: Path) -> None:
             torch.use_deterministic_algorithms(False)  # a process-wide flag, as Lightning sets it
         values[graphs] = [t.value for t in study.trials]
         graphed[graphs] = {t.user_attrs["metrics"]["cuda_graphs"] for t in study.trials}
-    assert graphed == {"false": {False}, "true": {True}}
+    assert graphed == {"false": {False}, "true": {True}, "augmented": {True}}
     assert values["true"] == pytest.approx(values["false"], rel=1e-3)

@@ -448,8 +448,8 @@ class Tune(Section):
     """Derived from the search space, the trial settings and the data when unset."""
     workers: Annotated[int, Field(ge=1, le=256)] = 1
     trials_at_once: Annotated[int, Field(ge=1, le=64)] = 1
-    """Trials each worker trains together, fused into one batched model that fills the device
-    (`cnnops.fused`); 1 trains them one at a time."""
+    """Trials each worker trains together on the same batches, their steps side by side on the
+    device, captured as one CUDA graph (`cnnops.fused`); 1 trains them one at a time."""
     start_from_params: bool = True
     """A new study's first trial runs the levers' own values from params (those inside their
     ranges), so the study's best is never worse than the configuration it starts from."""

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 
 RESUME = "last-fused.ckpt"
-"""A fused trial's state at its last finished epoch, saved when a signal stops the study (the
+"""A trial's state at its last finished epoch, saved when a signal stops the study (the
 train stage's `last.ckpt` is Lightning's, written every epoch)."""
 
 
@@ -66,14 +66,14 @@ def check(config: Config) -> None:
     t = config.train
     why = None
     if config.model.name != "seed_cnn":
-        why = f"only the seed CNN is fused, and model.name is {config.model.name!r}"
+        why = f"only seed CNN trials train at once, and model.name is {config.model.name!r}"
     elif t.strategy == "ddp":
         why = "DDP trials (train.strategy = 'ddp') train one at a time"
     elif t.precision == "16-mixed":
         why = "16-mixed scales each trial's loss on its own; use bf16-mixed or 32"
     elif t.compile or t.cuda_graphs_optimizer is True:
         why = (
-            "the fused step is captured without the optimizers; set train.compile and "
+            "the trials' step is captured without the optimizers; set train.compile and "
             "cuda_graphs_optimizer to false or auto"
         )
     elif config.augment.transforms:
@@ -216,6 +216,8 @@ class Fused:
         self.val = self._split("val")
         self.batches = BatchIndices(len(self.y), t.batch_size, shuffle=True, seed=t.seed)
         self.slots: list[Slot] = []
+        self.strength = torch.ones(0)
+        """Each slot's augmentation strength, this epoch: (K,) on the device."""
         k = job.config.tune.trials_at_once
         self.streams = (
             [torch.cuda.Stream(self.device) for _ in range(k)] if self.device.type == "cuda" else []
@@ -317,8 +319,7 @@ class Fused:
         module, k = self.slots[0].module, len(self.slots)
         if not train or self.augment is None:
             return [module.prepare_input(x, train=False)] * k
-        strength = self._vector([s.config.augment.strength for s in self.slots])
-        views = self.augment(x.repeat(k, 1, 1, 1), strength.repeat_interleave(len(x)))
+        views = self.augment(x.repeat(k, 1, 1, 1), self.strength.repeat_interleave(len(x)))
         return list(module.prepare_input(module.standardize(views), train=False).chunk(k))
 
     def _vector(self, values: list[float]) -> torch.Tensor:
@@ -348,6 +349,8 @@ class Fused:
         started = time.perf_counter()
         for slot in self.slots:
             slot.module.train()
+        # Made here, not in the step: a capture cannot copy from the host.
+        self.strength = self._vector([s.config.augment.strength for s in self.slots])
         step = self._captured() or self._step
         order = self.batches.next_epoch().to(self.device)
         for idx in self.batches.split(order):
@@ -515,12 +518,10 @@ def _clone(obj: Any, device: str | None = None) -> Any:
 
 
 def _save(checkpoint: dict[str, Any], path: Path) -> Path:
-    """`checkpoint` written whole at `path` (a temporary file renamed)."""
-    import io
+    """`checkpoint` written whole at `path`, as the train stage writes its checkpoints."""
+    from cnnops.train import AtomicCheckpointIO
 
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    runs.write_bytes(path, buffer.getvalue())
+    AtomicCheckpointIO().save_checkpoint(checkpoint, path)
     return path
 
 
