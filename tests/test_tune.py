@@ -191,3 +191,27 @@ def test_a_new_study_starts_from_the_configured_values(
     assert isinstance(second, optuna.Trial) and tune.BASELINE_KEY not in second.user_attrs
     off = tune.Job(config("tune.start_from_params=false"), "t", job.storage)
     assert tune.BASELINE_KEY not in tune._next_trial(tune.open_study(off), off).user_attrs
+
+
+def test_successive_halving_prunes_trials_running_together_where_the_median_cannot() -> None:
+    # Three trials train at once and report two epochs each; none has finished. The median
+    # pruner waits for finished trials; successive halving keeps the best third at epoch 2.
+    reports = ([0.90, 0.80, 0.50], [0.95, 0.90, 0.60])
+    for name, pruned in (
+        ("median", [False, False, False]),
+        ("successive_halving", [False, True, True]),
+    ):
+        config = load_config(
+            ROOT / "params.yaml",
+            [
+                f"tune.pruner.name={name}",
+                "tune.pruner.warmup_epochs=1",
+                "tune.pruner.startup_trials=0",
+            ],
+        )
+        study = optuna.create_study(direction="maximize", pruner=tune._pruner(config))
+        trials = [study.ask() for _ in range(3)]
+        for step, values in enumerate(reports):
+            for trial, value in zip(trials, values, strict=True):
+                trial.report(value, step)
+        assert [t.should_prune() for t in trials] == pruned, name

@@ -424,7 +424,11 @@ class Sampler(Section):
 
 
 class Pruner(Section):
-    name: Literal["median", "hyperband", "none"] = "median"
+    name: Literal["median", "successive_halving", "hyperband", "none"] = "median"
+    """median: below the median of finished trials at the same epoch. successive_halving: at
+    epochs warmup, 3 x warmup, 9 x warmup..., outside the best third of the trials that got
+    there; it needs no finished trials, so it prunes from the first (trials trained at once
+    included). hyperband: several successive-halving brackets."""
     startup_trials: Annotated[int, Field(ge=0)] = 4
     """Trials that finish unpruned before the median pruner starts pruning."""
     warmup_epochs: Annotated[int, Field(ge=0)] = 2

@@ -245,6 +245,8 @@ def _pruner(config: Config) -> optuna.pruners.BasePruner:
         return optuna.pruners.MedianPruner(
             n_startup_trials=p.startup_trials, n_warmup_steps=p.warmup_epochs
         )
+    if p.name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(p.warmup_epochs, 1))
     if p.name == "hyperband":
         return optuna.pruners.HyperbandPruner(
             min_resource=max(p.warmup_epochs, 1), max_resource=config.train.max_epochs
