@@ -371,7 +371,7 @@ class Fused:
         ended = []
         for slot in self.slots:
             (loss, correct), (val_loss, val_correct) = (
-                _take(slot.module, s) for s in ("train", "val")
+                slot.module.take_sums(s) for s in ("train", "val")
             )
             row = {
                 "epoch": slot.epoch + 1,
@@ -399,7 +399,7 @@ class Fused:
 
         def train(slot: Slot, inputs: torch.Tensor) -> None:
             with self.autocast:
-                loss = slot.module._train_loss(inputs, y)
+                loss = slot.module.train_loss(inputs, y)
             loss.backward()
             losses.append(loss.detach())
 
@@ -432,7 +432,7 @@ class Fused:
 
             def score(slot: Slot, inputs: torch.Tensor, yb: torch.Tensor = yb) -> None:
                 with self.autocast:
-                    slot.module._step(inputs, yb, "val")
+                    slot.module.batch_loss(inputs, yb, "val")
 
             self._side_by_side(score, self._inputs(x[start : start + size], train=False))
 
@@ -532,17 +532,6 @@ def _optimizer(module: Classifier) -> tuple[torch.optim.Optimizer, Any, bool]:
         return configured, None, False
     scheduler = configured["lr_scheduler"]
     return configured["optimizer"], scheduler["scheduler"], scheduler["interval"] == "step"
-
-
-def _take(module: Classifier, stage: str) -> tuple[float, float]:
-    """The summed loss and hits of `stage` that `module` added up since the last take; its sums
-    are zeroed in place (a captured step keeps adding into the same tensor)."""
-    sums = module._sums.get(stage)
-    if sums is None:
-        return 0.0, 0.0
-    loss, correct = sums.tolist()
-    sums.zero_()
-    return loss, correct
 
 
 def _save_best(slot: Slot, out: Path) -> Path:

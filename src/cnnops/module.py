@@ -201,7 +201,9 @@ class Classifier(L.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor, stage: str) -> torch.Tensor:
+    def batch_loss(self, x: torch.Tensor, y: torch.Tensor, stage: str) -> torch.Tensor:
+        """The loss of a batch the network takes (`prepare_input`); its summed loss and hits add
+        up in `stage`'s sums on the device."""
         logits, aux = self.net(x), None
         if isinstance(logits, tuple):  # an auxiliary classifier's logits ride along in training
             logits, aux = logits
@@ -220,6 +222,16 @@ class Classifier(L.LightningModule):
 
     def _count(self, stage: str, n: int) -> None:
         self._counts[stage] = self._counts.get(stage, 0) + n  # known on the host: no copy
+
+    def take_sums(self, stage: str) -> tuple[float, float]:
+        """`stage`'s summed loss and hits since the last take, on this rank; the sums are zeroed
+        in place (a captured step keeps adding into the same tensor)."""
+        sums = self._sums.get(stage)
+        if sums is None:
+            return 0.0, 0.0
+        loss, correct = sums.tolist()
+        sums.zero_()
+        return loss, correct
 
     def epoch_metrics(self, stage: str) -> dict[str, float]:
         """Mean loss and accuracy of `stage` since the last call, over all ranks."""
@@ -246,8 +258,9 @@ class Classifier(L.LightningModule):
         weights = [p for p in self.net.parameters() if p.ndim > 1 and p.requires_grad]
         return torch.stack([w.abs().sum() for w in weights]).sum()
 
-    def _train_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss = self._step(x, y, "train")
+    def train_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """A training batch's loss: `batch_loss` plus the L1 penalty."""
+        loss = self.batch_loss(x, y, "train")
         if self.train_spec.l1 > 0:
             loss = loss + self.train_spec.l1 * self.l1_penalty()
         return loss
@@ -258,7 +271,7 @@ class Classifier(L.LightningModule):
         x, y = batch
         self._count("train", len(y))
         if self.graph_step is None:
-            return self._train_loss(x, y)
+            return self.train_loss(x, y)
         graph_step = self.graph_step
         optimizer = self.optimizers()
         assert not isinstance(optimizer, list)
@@ -299,19 +312,19 @@ class Classifier(L.LightningModule):
             enabled=torch.is_autocast_enabled("cuda"),
             cache_enabled=False,
         ):
-            loss = self._train_loss(self.prepare_input(x, train=True), y)
+            loss = self.train_loss(self.prepare_input(x, train=True), y)
         loss.backward()
         return loss.detach()
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         self._count("val", len(y))
-        self._step(x, y, "val")
+        self.batch_loss(x, y, "val")
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         self._count("test", len(y))
-        self._step(x, y, "test")
+        self.batch_loss(x, y, "test")
 
     def configure_optimizers(self) -> Any:
         opt, sched = self.train_spec.optimizer, self.train_spec.scheduler
