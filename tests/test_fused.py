@@ -134,18 +134,41 @@ def test_sigterm_requeues_every_running_trial_and_the_rerun_resumes_them(
 
 
 @pytest.mark.slow
-def test_a_sigkilled_fused_study_resumes_to_exactly_n_trials(digits: Path) -> None:
+def test_a_sigkilled_fused_study_resumes_each_trial_from_its_last_written_epoch(
+    digits: Path,
+) -> None:
     overrides = TWO_LONG
     proc = start_two(digits)
+    study = open_study(digits, *overrides)
+    saved = [
+        digits / "models" / "optuna" / study.study_name / f"trial-{n}" / fused.RESUME
+        for n in (0, 1)
+    ]
+    deadline = time.time() + 120
+    while not all(p.is_file() for p in saved) and time.time() < deadline:
+        time.sleep(0.1)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert states(open_study(digits, *overrides)).get("RUNNING") == 2
+    epochs = [len(torch.load(p, weights_only=True)["rows"]) for p in saved]
+    assert all(epochs)
 
     cnnops("tune", *sets(*overrides), cwd=digits, check=True)
     study = open_study(digits, *overrides)
     s = states(study)
     assert finished(study) == 3 and "RUNNING" not in s and "WAITING" not in s
     assert s["FAIL"] == 2
+    # Each killed trial ran again from the last epoch its writer finished, not from its first.
+    client = tracking.client(load_config(digits / "params.yaml").mlflow)
+    for killed, done, path in zip(study.trials[:2], epochs, saved, strict=True):
+        retry = next(t for t in study.trials[2:] if t.params == killed.params)
+        run = client.get_run(retry.user_attrs["mlflow_run_id"])
+        assert run.data.tags["cnnops.resumed_from"].endswith(str(path.relative_to(digits)))
+        assert retry.user_attrs["metrics"]["epochs_run"] == 20
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")]
+        assert steps == list(range(done + 1, 21))
+    # A trial that ended leaves no resume checkpoint behind.
+    assert not list((digits / "models" / "optuna").glob(f"*/trial-[2-9]*/{fused.RESUME}"))
 
 
 @pytest.mark.slow

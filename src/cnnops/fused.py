@@ -18,17 +18,19 @@ is pruned, stops early or finishes, and its slot takes the next trial asked.
 Differences from trials run one at a time, all within a study's noise: a trial that joins
 mid-study sees the study's epoch order of batches, not its own; its MLflow run has the curves
 but not the per-epoch images. A trial stopped by a signal resumes from its last finished epoch,
-as one of its own does, but one whose process was killed runs again from its first: the state
-of every epoch is kept in device memory and written only when a signal comes, so the study
-never waits on checkpoint files.
+as one of its own does, and so does one whose process was killed: each trial's state after
+every epoch is written by a thread of its own (`RESUME`), so the study never waits on checkpoint
+files.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,8 +55,8 @@ if TYPE_CHECKING:
 
 
 RESUME = "last-fused.ckpt"
-"""A trial's state at its last finished epoch, saved when a signal stops the study (the
-train stage's `last.ckpt` is Lightning's, written every epoch)."""
+"""A trial's state at its last finished epoch, written after every epoch off the training thread
+and removed when the trial ends (the train stage's `last.ckpt` is Lightning's)."""
 
 
 def check(config: Config) -> None:
@@ -113,10 +115,9 @@ class Slot:
     graphed: bool = False
     """Whether any of its epochs replayed a captured step."""
     snapshot: dict[str, Any] | None = None
-    """The trial as it stood after its last finished epoch (on the device), written to
-    `RESUME` when a signal stops the study."""
+    """The trial as it stood after its last finished epoch (on the CPU): what `RESUME` holds."""
 
-    def take_snapshot(self) -> None:
+    def take_snapshot(self) -> dict[str, Any]:
         self.snapshot = _clone(
             {
                 "state_dict": self.module.state_dict(),
@@ -126,9 +127,11 @@ class Slot:
                 "best": self.best,
                 "wait": self.wait,
                 "best_row": self.best_row,
-            }
+                "best_state": self.best_state,
+            },
+            "cpu",
         )
-        self.snapshot["best_state"] = self.best_state  # replaced on improvement, never changed
+        return self.snapshot
 
     def restore(self, saved: dict[str, Any], device: torch.device) -> None:
         """Continue from a snapshot that `take_snapshot` made and a signal saved."""
@@ -216,6 +219,9 @@ class Fused:
         self.val = self._split("val")
         self.batches = BatchIndices(len(self.y), t.batch_size, shuffle=True, seed=t.seed)
         self.slots: list[Slot] = []
+        # Each epoch's resume checkpoints, written in order off the training thread.
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="cnnops-resume")
+        self.writes: list[Future[Any]] = []
         self.strength = torch.ones(0)
         """Each slot's augmentation strength, this epoch: (K,) on the device."""
         k = job.config.tune.trials_at_once
@@ -266,6 +272,7 @@ class Fused:
                         self.slots.append(self._start(trial))  # type: ignore[arg-type]
                     if not self.slots:
                         if not more:
+                            self._drain()
                             return
                         time.sleep(tune.POLL_S)  # the last trials run in another worker
                         continue
@@ -386,7 +393,7 @@ class Fused:
             if outcome:
                 ended.append((slot, outcome))
             else:
-                slot.take_snapshot()
+                self._write(_save_quietly, slot.take_snapshot(), self._dir(slot) / RESUME)
         for slot, outcome in ended:
             self.slots.remove(slot)
             self._finish(slot, outcome)
@@ -436,6 +443,17 @@ class Fused:
 
             self._side_by_side(score, self._inputs(x[start : start + size], train=False))
 
+    def _write(self, fn: Callable[..., object], *args: Any) -> None:
+        """`fn(*args)` on the writer thread, after every write queued before it."""
+        self.writes = [w for w in self.writes if not w.done()]
+        self.writes.append(self.writer.submit(fn, *args))
+
+    def _drain(self) -> None:
+        """Wait for every queued write."""
+        for write in self.writes:
+            write.result()
+        self.writes.clear()
+
     def _finish(self, slot: Slot, outcome: str) -> None:
         """Tell Optuna how the trial ended, save its best checkpoint, close its MLflow run."""
         from optuna.trial import TrialState
@@ -479,6 +497,7 @@ class Fused:
                 trial.set_user_attr("metrics", metrics)
                 trial.set_user_attr("checkpoint", str(checkpoint))
                 study.tell(trial, best[monitor])  # NaN: Optuna records the trial as failed
+        self._write(lambda path: path.unlink(missing_ok=True), self._dir(slot) / RESUME)
         tune._log(study, trial.number, job)
         if self.on_trial:
             self.on_trial(study)
@@ -493,14 +512,13 @@ class Fused:
         if not signal and not isinstance(error, SystemExit):
             traceback.print_exc()
         with runs.deferred_signals(raise_after=False):
+            self._drain()
             for slot in self.slots:
                 with slot.hold:
                     state, status = ("interrupted", "KILLED") if signal else ("failed", "FAILED")
                     tune.end_run(slot.tracker, state, status)
                     self.study.tell(slot.trial, state=TrialState.FAIL)
                     if signal:
-                        if slot.snapshot is not None:
-                            _save(_clone(slot.snapshot, "cpu"), self._dir(slot) / RESUME)
                         frozen = self.study._storage.get_trial(slot.trial._trial_id)
                         tune.on_stale(self.job.config)(self.study, frozen)
             self.slots.clear()
@@ -523,6 +541,17 @@ def _save(checkpoint: dict[str, Any], path: Path) -> Path:
 
     AtomicCheckpointIO().save_checkpoint(checkpoint, path)
     return path
+
+
+def _save_quietly(checkpoint: dict[str, Any], path: Path) -> None:
+    """A resume checkpoint: one that cannot be written (a full disk) costs the resume, not the
+    study, and says so."""
+    try:
+        _save(checkpoint, path)
+    except OSError as e:
+        print(
+            f"warning: {path}: not written ({e}); a killed trial would start again", file=sys.stderr
+        )
 
 
 def _optimizer(module: Classifier) -> tuple[torch.optim.Optimizer, Any, bool]:
