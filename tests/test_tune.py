@@ -194,12 +194,13 @@ def test_a_new_study_starts_from_the_configured_values(
 
 
 def test_successive_halving_prunes_trials_running_together_where_the_median_cannot() -> None:
-    # Three trials train at once and report two epochs each; none has finished. The median
-    # pruner waits for finished trials; successive halving keeps the best third at epoch 2.
-    reports = ([0.90, 0.80, 0.50], [0.95, 0.90, 0.60])
+    # Six trials train at once and report two epochs each; none has finished. The median
+    # pruner waits for finished trials; successive halving keeps, at epoch 2, the trials in the
+    # best third of those that got there before them: the last one asked is second of six.
+    reports = ([0.90, 0.50, 0.50, 0.50, 0.50, 0.50], [0.95, 0.50, 0.60, 0.70, 0.80, 0.90])
     for name, pruned in (
-        ("median", [False, False, False]),
-        ("successive_halving", [False, True, True]),
+        ("median", [False] * 6),
+        ("successive_halving", [False, True, True, True, True, False]),
     ):
         config = load_config(
             ROOT / "params.yaml",
@@ -210,7 +211,7 @@ def test_successive_halving_prunes_trials_running_together_where_the_median_cann
             ],
         )
         study = optuna.create_study(direction="maximize", pruner=tune._pruner(config))
-        trials = [study.ask() for _ in range(3)]
+        trials = [study.ask() for _ in range(6)]
         for step, values in enumerate(reports):
             for trial, value in zip(trials, values, strict=True):
                 trial.report(value, step)

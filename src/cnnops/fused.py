@@ -30,7 +30,7 @@ import os
 import sys
 import time
 import traceback
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cnnops import runs, tune
+from cnnops import runs, tracking, tune
 from cnnops.errors import ConfigError, DataError
 from cnnops.graphs import CapturedStep
 
@@ -219,11 +219,16 @@ class Fused:
         self.val = self._split("val")
         self.batches = BatchIndices(len(self.y), t.batch_size, shuffle=True, seed=t.seed)
         self.slots: list[Slot] = []
-        # Each epoch's resume checkpoints, written in order off the training thread.
+        # Each epoch's resume checkpoints, written in order off the training thread; and the
+        # trials' MLflow runs, made and fed on a thread of their own.
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="cnnops-resume")
+        self.recorder = ThreadPoolExecutor(1, thread_name_prefix="cnnops-trial-runs")
         self.writes: list[Future[Any]] = []
         self.strength = torch.ones(0)
         """Each slot's augmentation strength, this epoch: (K,) on the device."""
+        self.stepper: CapturedStep | None = None
+        self.members: list[int] = []
+        """The trials `stepper` was captured for (their numbers), in slot order."""
         k = job.config.tune.trials_at_once
         self.streams = (
             [torch.cuda.Stream(self.device) for _ in range(k)] if self.device.type == "cuda" else []
@@ -293,7 +298,9 @@ class Fused:
         hold.enter_context(get_heartbeat_thread(trial._trial_id, self.study._storage))  # type: ignore[arg-type]
         tracker = None
         try:
-            tracker = tune.trial_run(self.job, trial, params)
+            tracker = tracking.OnThread(
+                self._record, lambda: tune.trial_run(self.job, trial, params)
+            )
             L.seed_everything(config.train.seed, verbose=False)  # a trial of its own starts so
             module = build_module(config, self.prepared).to(self.device)
             if self.device.type == "cuda" and config.train.channels_last:  # as the train stage
@@ -313,6 +320,7 @@ class Fused:
             with hold:
                 if tracker is not None:
                     tune.end_run(tracker, "failed", "FAILED")
+                    wait(self.writes)  # the run's id is on the trial before it ends
                 self.study.tell(trial, state=TrialState.FAIL)
             raise
         return slot
@@ -356,9 +364,7 @@ class Fused:
         started = time.perf_counter()
         for slot in self.slots:
             slot.module.train()
-        # Made here, not in the step: a capture cannot copy from the host.
-        self.strength = self._vector([s.config.augment.strength for s in self.slots])
-        step = self._captured() or self._step
+        step = self._step_for_slots()
         order = self.batches.next_epoch().to(self.device)
         for idx in self.batches.split(order):
             signum = runs.pending_signal()
@@ -413,19 +419,29 @@ class Fused:
         self._side_by_side(train, self._inputs(x, train=True))
         return torch.stack(losses).sum()
 
-    def _captured(self) -> CapturedStep | None:
-        """This epoch's step captured as a CUDA graph once warm (`train.cuda_graphs`), or None
-        where it stays eager. The slots change only between epochs, so one capture serves an
-        epoch; the optimizers step eagerly, each after the replay."""
+    def _step_for_slots(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The step of this epoch's slots: the one of the epoch before while they are the same
+        trials (its graph stays valid), else a new one. On CUDA (`train.cuda_graphs` not false)
+        it is captured as a graph once warm; the optimizers step eagerly, each after it."""
+        members = [s.trial.number for s in self.slots]
+        if self.stepper is not None and members == self.members:
+            return self.stepper
+        # Made here, not in the step: a capture cannot copy from the host.
+        self.strength = self._vector([s.config.augment.strength for s in self.slots])
         t = self.job.config.train
         if self.device.type != "cuda" or t.cuda_graphs is False:
-            return None
-        return CapturedStep(
+            return self._step
+        self.stepper = CapturedStep(
             self._step,
             nn.ModuleList([s.module for s in self.slots]),
+            # The first capture warms the streams, cuDNN and autograd up; later ones only need
+            # the new trials' gradients made once.
+            warmup=1 if self.members else 3,
             generators=getattr(self.augment, "generators", tuple),
             required=t.cuda_graphs is True,
         )
+        self.members = members
+        return self.stepper
 
     @torch.no_grad()
     def _validate(self) -> None:
@@ -443,16 +459,28 @@ class Fused:
 
             self._side_by_side(score, self._inputs(x[start : start + size], train=False))
 
-    def _write(self, fn: Callable[..., object], *args: Any) -> None:
+    def _write(self, fn: Callable[..., object], *args: Any) -> Future[Any]:
         """`fn(*args)` on the writer thread, after every write queued before it."""
-        self.writes = [w for w in self.writes if not w.done()]
-        self.writes.append(self.writer.submit(fn, *args))
+        return self._queue(self.writer.submit(fn, *args))
+
+    def _record(self, fn: Callable[[], Any]) -> Future[Any]:
+        """`fn()` on the thread of the trials' MLflow runs, after every call queued before it."""
+        return self._queue(self.recorder.submit(fn))
+
+    def _queue(self, future: Future[Any]) -> Future[Any]:
+        """Keep `future` until it is done; what a finished one raised, raise here."""
+        for done in [w for w in self.writes if w.done()]:
+            self.writes.remove(done)
+            done.result()
+        self.writes.append(future)
+        return future
 
     def _drain(self) -> None:
-        """Wait for every queued write."""
-        for write in self.writes:
+        """Wait for every queued write and MLflow call; raise what the first failed one raised."""
+        writes, self.writes = self.writes, []
+        wait(writes)
+        for write in writes:
             write.result()
-        self.writes.clear()
 
     def _finish(self, slot: Slot, outcome: str) -> None:
         """Tell Optuna how the trial ended, save its best checkpoint, close its MLflow run."""
@@ -462,6 +490,8 @@ class Fused:
 
         study, trial, job = self.study, slot.trial, self.job
         with runs.deferred_signals(raise_after=False), slot.hold:
+            # The run's id rides on the trial, set where the run was made: before the trial ends.
+            slot.tracker.run_id  # noqa: B018
             if outcome == "pruned":
                 tune.end_run(slot.tracker, "pruned", "KILLED")
                 study.tell(trial, state=TrialState.PRUNED)
@@ -512,11 +542,14 @@ class Fused:
         if not signal and not isinstance(error, SystemExit):
             traceback.print_exc()
         with runs.deferred_signals(raise_after=False):
-            self._drain()
+            state, status = ("interrupted", "KILLED") if signal else ("failed", "FAILED")
+            for slot in self.slots:
+                tune.end_run(slot.tracker, state, status)
+            # Every write and run done before the trials end (what failed there, `error` says).
+            wait(self.writes)
+            self.writes.clear()
             for slot in self.slots:
                 with slot.hold:
-                    state, status = ("interrupted", "KILLED") if signal else ("failed", "FAILED")
-                    tune.end_run(slot.tracker, state, status)
                     self.study.tell(slot.trial, state=TrialState.FAIL)
                     if signal:
                         frozen = self.study._storage.get_trial(slot.trial._trial_id)

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Protocol, Self
 from cnnops.errors import CnnopsError
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from mlflow import MlflowClient
 
     from cnnops.config import Mlflow
@@ -188,6 +190,43 @@ class NullTracker:
 
     def close(self, status: str = "FINISHED") -> None:
         pass
+
+
+class OnThread:
+    """A tracker that `make` builds, and every call then runs, through `submit` (a single
+    worker thread's, so calls keep their order): whoever logs never waits on the store. What a
+    call raised comes out of the future `submit` returned; `run_id` waits for `make`."""
+
+    def __init__(
+        self, submit: Callable[[Callable[[], Any]], Future[Any]], make: Callable[[], Any]
+    ) -> None:
+        self._submit = submit
+        self._made = submit(make)
+
+    @property
+    def run_id(self) -> str | None:
+        return self._made.result().run_id
+
+    def _later(self, name: str, *args: Any) -> None:
+        self._submit(lambda: getattr(self._made.result(), name)(*args))
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._later("log_params", params)
+
+    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        self._later("log_metrics", metrics, step)
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        self._later("log_artifact", path, folder)
+
+    def log_image(self, key: str, image: Any, step: int) -> None:
+        self._later("log_image", key, image, step)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._later("set_tags", tags)
+
+    def close(self, status: str = "FINISHED") -> None:
+        self._later("close", status)
 
 
 def tracking_uri(cfg: Mlflow) -> str:

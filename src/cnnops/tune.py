@@ -246,7 +246,9 @@ def _pruner(config: Config) -> optuna.pruners.BasePruner:
             n_startup_trials=p.startup_trials, n_warmup_steps=p.warmup_epochs
         )
     if p.name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(p.warmup_epochs, 1))
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=max(p.warmup_epochs, 1), reduction_factor=3
+        )
     if p.name == "hyperband":
         return optuna.pruners.HyperbandPruner(
             min_resource=max(p.warmup_epochs, 1), max_resource=config.train.max_epochs
@@ -361,7 +363,7 @@ def _log(study: optuna.Study, number: int, job: Job) -> None:
     """One line per trial for logs; a terminal has the progress bar instead."""
     if progress.shown():
         return
-    t = study.trials[number]
+    t = study.get_trials(deepcopy=False)[number]
     value = f" {job.config.tune.metric}={t.value:.5g}" if t.value is not None else ""
     steps = f" after {len(t.intermediate_values)} epochs" if t.state.name == "PRUNED" else ""
     print(
