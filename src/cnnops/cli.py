@@ -224,9 +224,19 @@ def tune(
 
     config = _config(params, set_, study=True)
     check_reachable(config.mlflow)  # a dead tracking server: one line now, not after trials
-    from cnnops.tune_stage import tune_stage
+    mlflow = None
+    if "mlflow" not in sys.modules:  # the study's run warms up in a process of its own
+        from cnnops.tracker_process import TrackerProcess
 
-    _print(tune_stage(config, workers))
+        mlflow = TrackerProcess(config.mlflow)
+    try:
+        from cnnops.tune_stage import tune_stage
+
+        summary = tune_stage(config, workers, mlflow)
+    finally:
+        if mlflow is not None:
+            mlflow.shutdown()
+    _print(summary)
 
 
 @app.command()

@@ -21,6 +21,8 @@ from cnnops.errors import CnnopsError, DataError
 if TYPE_CHECKING:
     import optuna
 
+    from cnnops.tracker_process import TrackerProcess
+
 
 class Progress:
     """A bar over finished trials with the best value so far, on a terminal's stderr only
@@ -44,8 +46,12 @@ class Progress:
         self.bar.close()
 
 
-def tune_stage(config: Config, workers: int | None = None) -> dict[str, Any]:
+def tune_stage(
+    config: Config, workers: int | None = None, mlflow: TrackerProcess | None = None
+) -> dict[str, Any]:
     """Run (or resume) the study until it has `tune.n_trials` finished trials; write outputs.
+    The study's MLflow run is made in `mlflow` where given (a process warming MLflow up while
+    this one imports torch), else in this process.
 
     SIGTERM/SIGINT stop every worker at a batch boundary; each running trial is failed and
     queued again, and the rerun resumes it from its last checkpoint."""
@@ -66,7 +72,7 @@ def tune_stage(config: Config, workers: int | None = None) -> dict[str, Any]:
             deadline=time.time() + timeout if timeout else None,
         )
         study = tune.open_study(job)
-        parent = parent_run(job, study)
+        parent = parent_run(job, study, mlflow)
         job = replace(job, parent_run_id=parent.run_id)
         progress = Progress(config.tune.n_trials, config.tune.metric)
         with parent:
@@ -96,23 +102,30 @@ def tune_stage(config: Config, workers: int | None = None) -> dict[str, Any]:
     return summary
 
 
-def parent_run(job: tune.Job, study: optuna.Study) -> Any:
-    """The study's MLflow run: created once, reopened when the study resumes."""
+def parent_run(job: tune.Job, study: optuna.Study, mlflow: TrackerProcess | None = None) -> Any:
+    """The study's MLflow run: created once, reopened when the study resumes; in `mlflow`'s
+    process where given."""
     from cnnops import tracking
     from cnnops.config import flatten
 
     cfg = job.config.mlflow
+
+    def run(name: str, tags: dict[str, str] | None = None, run_id: str | None = None) -> Any:
+        if mlflow is not None:
+            return mlflow.open(name, tags=tags, run_id=run_id)
+        return tracking.MlflowTracker(cfg, name, tags=tags, run_id=run_id)
+
     with studies.study_lock(job.storage, job.study, job.config.paths.models / "optuna"):
         run_id = study.user_attrs.get("mlflow_parent_run_id")
         if run_id:
-            return tracking.MlflowTracker(cfg, job.study, run_id=run_id)
+            return run(job.study, run_id=run_id)
         tags = {
             "cnnops.stage": "tune",
             "optuna.study": job.study,
             "git.commit": tracking.git_commit(),
             **tracking.environment(),
         }
-        parent = tracking.MlflowTracker(cfg, f"tune {job.study}", tags=tags)
+        parent = run(f"tune {job.study}", tags=tags)
         parent.log_params(flatten(job.config))
         study.set_user_attr("mlflow_parent_run_id", parent.run_id)
         return parent
