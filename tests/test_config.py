@@ -365,3 +365,10 @@ def test_a_captured_optimizer_step_that_cannot_be_is_refused_at_load(
     config = load_config(ROOT / "params.yaml", ["train.cuda_graphs_optimizer=auto", *overrides])
     assert config.train.cuda_graphs_optimizer == "auto"
     assert load_config(ROOT / "params.yaml").train.cuda_graphs_optimizer is False  # opt-in
+
+
+def test_cudnn_benchmark_with_deterministic_training_is_refused_at_load() -> None:
+    code, stderr = show_config("train.cudnn_benchmark=true", "train.deterministic=true")
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert "train.cudnn_benchmark = true" in stderr and "train.deterministic is true" in stderr
+    assert load_config(ROOT / "params.yaml", ["train.cudnn_benchmark=true"]).train.cudnn_benchmark

@@ -285,6 +285,10 @@ class Train(Section):
     """With ddp: batch-norm statistics computed over the global batch."""
     precision: Literal["32", "32-true", "bf16-mixed", "16-mixed"] = "32"
     deterministic: bool = False
+    cudnn_benchmark: bool = False
+    """Let cuDNN time its convolution algorithms on the first batch of each shape and keep the
+    fastest (`torch.backends.cudnn.benchmark`): seconds of warm-up that a long run earns back.
+    Not with `deterministic`."""
     num_workers: Annotated[int, Field(ge=0, le=64)] = 0
     data_placement: Literal["auto", "device", "host", "disk"] = "auto"
     """Where training batches come from: device (the split resident on the GPU), host (pinned
@@ -312,6 +316,15 @@ class Train(Section):
             return handler(value)
         except ValidationError:
             raise ValueError("expected true, false or auto") from None
+
+    @model_validator(mode="after")
+    def _benchmark_is_not_deterministic(self) -> Train:
+        if self.cudnn_benchmark and self.deterministic:
+            raise ValueError(
+                "train.cudnn_benchmark = true: cuDNN's timed choice of algorithms is not "
+                "deterministic, and train.deterministic is true; turn one of them off"
+            )
+        return self
 
     @model_validator(mode="after")
     def _captured_optimizer_needs_a_captured_step(self) -> Train:

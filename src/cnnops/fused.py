@@ -211,9 +211,10 @@ class Fused:
         self.device = torch.device(planned_device_type(t))
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")
-        if t.deterministic:  # as the train stage's Trainer(deterministic=True) sets it
+        # As the train stage's Trainer(deterministic=..., benchmark=...) sets them.
+        torch.backends.cudnn.benchmark = t.cudnn_benchmark
+        if t.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.backends.cudnn.benchmark = False
             torch.use_deterministic_algorithms(True)
         self.x, self.y = self._split("train")
         self.val = self._split("val")

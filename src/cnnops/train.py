@@ -333,8 +333,8 @@ def train(
             num_sanity_val_steps=0,
             enable_progress_bar=sys.stderr.isatty(),
             enable_model_summary=False,
-            # cuDNN autotuning costs seconds of warm-up that small networks never earn back.
-            benchmark=False,
+            # cuDNN autotuning costs seconds of warm-up that short runs never earn back.
+            benchmark=t.cudnn_benchmark,
         )
         trainer._signal_connector = QuietSignalConnector(trainer)
         # A setting that cannot apply fails before any output goes.
