@@ -220,7 +220,7 @@ def test_a_captured_fused_step_trains_as_the_eager_one(workdir: Path) -> None:
         config = load_config(
             workdir / "params.yaml",
             [
-                "tune.n_trials=2",
+                "tune.n_trials=3",  # two at once, then the third alone: a new capture
                 "train.max_epochs=3",
                 "train.early_stopping.enabled=false",
                 "tune.pruner.name=none",
@@ -232,7 +232,7 @@ def test_a_captured_fused_step_trains_as_the_eager_one(workdir: Path) -> None:
         )
         url = studies.storage_url(config)
         study = optuna.create_study(study_name=name, storage=studies.open_storage(url, print))
-        for lr in (3e-3, 1e-2):
+        for lr in (3e-3, 1e-2, 5e-3):
             study.enqueue_trial(
                 {"dropout_conv": 0.0, "dropout_fc": 0.0, "noise_std": 0.0, "lr": lr}
             )
