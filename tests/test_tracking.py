@@ -133,3 +133,52 @@ def test_the_fluent_api_sees_the_project_store_inside_the_block_and_nothing_chan
         assert mlflow.get_registry_uri() == "sqlite:///elsewhere.db"
     finally:
         mlflow.set_registry_uri(None)  # type: ignore[arg-type]
+
+
+def test_a_run_made_and_fed_on_another_thread_gets_every_call_in_order(workdir: Path) -> None:
+    import threading
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    config = load_config(workdir / "params.yaml")
+    calls: list[Future] = []
+    threads: set[int] = set()
+
+    def submit(fn):  # noqa: ANN001, ANN202
+        def call():  # noqa: ANN202
+            threads.add(threading.get_ident())
+            return fn()
+
+        calls.append(pool.submit(call))
+        return calls[-1]
+
+    with ThreadPoolExecutor(1) as pool:
+        run = tracking.OnThread(
+            submit, lambda: tracking.MlflowTracker(config.mlflow, "thread", system_metrics=False)
+        )
+        run.log_params({"lr": 0.01})
+        for step in (1, 2, 3):
+            run.log_metrics({"val_loss": 1 / step}, step)
+        run.set_tags({"optuna.state": "pruned"})
+        run.close("KILLED")
+        run_id = run.run_id
+        for call in calls:
+            call.result()
+    assert threads and threading.get_ident() not in threads
+    client = tracking.client(config.mlflow)
+    got = client.get_run(run_id)
+    assert got.info.status == "KILLED"
+    assert got.data.params["lr"] == "0.01" and got.data.tags["optuna.state"] == "pruned"
+    history = client.get_metric_history(run_id, "val/loss")
+    assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
+
+    # A run that could not be made: its id raises what making it raised; the queue goes on.
+    def unmade() -> tracking.MlflowTracker:
+        raise RuntimeError("store refused")
+
+    with ThreadPoolExecutor(1) as pool:
+        broken = tracking.OnThread(pool.submit, unmade)
+        later = broken._submit(lambda: None)
+        broken.close()
+        with pytest.raises(RuntimeError, match="store refused"):
+            broken.run_id  # noqa: B018
+    assert later.result() is None
