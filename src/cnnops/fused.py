@@ -492,7 +492,11 @@ class Fused:
         study, trial, job = self.study, slot.trial, self.job
         with runs.deferred_signals(raise_after=False), slot.hold:
             # The run's id rides on the trial, set where the run was made: before the trial ends.
-            slot.tracker.run_id  # noqa: B018
+            try:
+                slot.tracker.run_id  # noqa: B018
+            except Exception:  # no run could be made: the trial fails, and the error ends the study
+                study.tell(trial, state=TrialState.FAIL)
+                raise
             if outcome == "pruned":
                 tune.end_run(slot.tracker, "pruned", "KILLED")
                 study.tell(trial, state=TrialState.PRUNED)
