@@ -5,13 +5,18 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
 from cnnops.errors import CnnopsError
+
+if TYPE_CHECKING:
+    from cnnops.config import Config
+    from cnnops.tracker_process import TrackerProcess
 
 app = typer.Typer(
     add_completion=False,
@@ -106,6 +111,22 @@ def prepare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> Non
     typer.echo(json.dumps({k: v["total"] for k, v in stats["splits"].items()}))
 
 
+@contextmanager
+def _mlflow_process(config: Config, wanted: bool = True) -> Iterator[TrackerProcess | None]:
+    """A process that warms MLflow up (import, store) while the stage imports torch, for the
+    stage's run; None where not `wanted` or MLflow is already imported here. Let go after."""
+    if not wanted or "mlflow" in sys.modules:
+        yield None
+        return
+    from cnnops.tracker_process import TrackerProcess
+
+    mlflow = TrackerProcess(config.mlflow)
+    try:
+        yield mlflow
+    finally:
+        mlflow.shutdown()
+
+
 @app.command()
 @clear_errors
 def train(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
@@ -115,23 +136,15 @@ def train(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
 
     with phase("config"):
         config = _config(params, set_)
-    mlflow = None
     if rank_zero():  # a dead tracking server: one line now, before the heavy imports
         from cnnops.tracking import check_reachable
 
         check_reachable(config.mlflow)
-        if "mlflow" not in sys.modules:  # MLflow warms up in a process of its own meanwhile
-            from cnnops.tracker_process import TrackerProcess
-
-            mlflow = TrackerProcess(config.mlflow)
-    try:
+    with _mlflow_process(config, rank_zero()) as mlflow:
         with phase("import"):
             from cnnops.train import train_stage
 
         metrics = train_stage(config, mlflow)
-    finally:
-        if mlflow is not None:
-            mlflow.shutdown()
     if rank_zero():  # under DDP every rank runs this command; one answer is enough
         _print(metrics)
 
@@ -224,18 +237,10 @@ def tune(
 
     config = _config(params, set_, study=True)
     check_reachable(config.mlflow)  # a dead tracking server: one line now, not after trials
-    mlflow = None
-    if "mlflow" not in sys.modules:  # the study's run warms up in a process of its own
-        from cnnops.tracker_process import TrackerProcess
-
-        mlflow = TrackerProcess(config.mlflow)
-    try:
+    with _mlflow_process(config) as mlflow:  # the study's run
         from cnnops.tune_stage import tune_stage
 
         summary = tune_stage(config, workers, mlflow)
-    finally:
-        if mlflow is not None:
-            mlflow.shutdown()
     _print(summary)
 
 

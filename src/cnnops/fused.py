@@ -228,8 +228,7 @@ class Fused:
         self.strength = torch.ones(0)
         """Each slot's augmentation strength, this epoch: (K,) on the device."""
         self.stepper: CapturedStep | None = None
-        self.members: list[int] = []
-        """The trials `stepper` was captured for (their numbers), in slot order."""
+        """The step captured for the slots' modules (`stepper.module`), kept while they stay."""
         k = job.config.tune.trials_at_once
         self.streams = (
             [torch.cuda.Stream(self.device) for _ in range(k)] if self.device.type == "cuda" else []
@@ -321,7 +320,7 @@ class Fused:
             with hold:
                 if tracker is not None:
                     tune.end_run(tracker, "failed", "FAILED")
-                    wait(self.writes)  # the run's id is on the trial before it ends
+                    self._drain(check=False)  # the run's id is on the trial before it ends
                 self.study.tell(trial, state=TrialState.FAIL)
             raise
         return slot
@@ -424,8 +423,9 @@ class Fused:
         """The step of this epoch's slots: the one of the epoch before while they are the same
         trials (its graph stays valid), else a new one. On CUDA (`train.cuda_graphs` not false)
         it is captured as a graph once warm; the optimizers step eagerly, each after it."""
-        members = [s.trial.number for s in self.slots]
-        if self.stepper is not None and members == self.members:
+        modules = [s.module for s in self.slots]
+        # The same nets in the same slots: the graph of the epoch before still holds.
+        if self.stepper is not None and list(self.stepper.module.children()) == modules:
             return self.stepper
         # Made here, not in the step: a capture cannot copy from the host.
         self.strength = self._vector([s.config.augment.strength for s in self.slots])
@@ -434,14 +434,13 @@ class Fused:
             return self._step
         self.stepper = CapturedStep(
             self._step,
-            nn.ModuleList([s.module for s in self.slots]),
+            nn.ModuleList(modules),
             # The first capture warms the streams, cuDNN and autograd up; later ones only need
             # the new trials' gradients made once.
-            warmup=1 if self.members else 3,
+            warmup=3 if self.stepper is None else 1,
             generators=getattr(self.augment, "generators", tuple),
             required=t.cuda_graphs is True,
         )
-        self.members = members
         return self.stepper
 
     @torch.no_grad()
@@ -476,11 +475,12 @@ class Fused:
         self.writes.append(future)
         return future
 
-    def _drain(self) -> None:
-        """Wait for every queued write and MLflow call; raise what the first failed one raised."""
+    def _drain(self, check: bool = True) -> None:
+        """Wait for every queued write and MLflow call; raise what the first failed one raised
+        (unless not `check`: an error already ends the study)."""
         writes, self.writes = self.writes, []
         wait(writes)
-        for write in writes:
+        for write in writes if check else ():
             write.result()
 
     def _finish(self, slot: Slot, outcome: str) -> None:
@@ -550,9 +550,7 @@ class Fused:
             state, status = ("interrupted", "KILLED") if signal else ("failed", "FAILED")
             for slot in self.slots:
                 tune.end_run(slot.tracker, state, status)
-            # Every write and run done before the trials end (what failed there, `error` says).
-            wait(self.writes)
-            self.writes.clear()
+            self._drain(check=False)  # every write and run done before the trials end
             for slot in self.slots:
                 with slot.hold:
                     self.study.tell(slot.trial, state=TrialState.FAIL)
