@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from cnnops.timings import seconds_by_phase
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,13 +39,7 @@ def train_once(cmd: list[str], cwd: str, env: dict[str, str]) -> dict[str, objec
     timings = Path(cwd) / "timings.json"
     spawned = time.time()
     wall = timed(cmd, cwd, {**env, "CNNOPS_TIMINGS": str(timings)})
-    record = json.loads(timings.read_text())
-    phases: dict[str, float] = {}
-    first = min((p["begin"] for p in record["phases"]), default=spawned)
-    phases["python + cli start"] = first - spawned
-    for p in record["phases"]:
-        phases[p["phase"]] = phases.get(p["phase"], 0.0) + p["end"] - p["begin"]
-    phases["exit"] = max(time.time() - record["exit"], 0.0)
+    phases = seconds_by_phase(timings, spawned)
     fit = json.loads((Path(cwd) / "reports" / "train.json").read_text())["train_seconds"]
     return {"wall": wall, "fit": fit, "phases": phases}
 

@@ -7,7 +7,8 @@ Runs, as a user would, in a scratch folder with the MNIST pipeline's params: `cn
 `cnnops prepare`, `cnnops train` twice (timed, process start to exit; the second, warm, is the
 baseline), then `cnnops tune --workers N`
 (timed), each worker training `--trials-at-once` trials together (`tune.trials_at_once`).
-Prints both times and their ratio, the best validation accuracy, how many trials were
+Prints where the study's seconds went (its phases, CNNOPS_TIMINGS: a phase entered once per
+trial or epoch adds up), both times and their ratio, the best validation accuracy, how many trials were
 pruned, the trial epochs run, the span from the first trial's start to the last one's end,
 and the most trials that ran at once (from their start times and durations).
 """
@@ -24,6 +25,8 @@ import tempfile
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
+
+from cnnops.timings import seconds_by_phase
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,19 +91,24 @@ def main() -> None:
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
         (Path(tmp) / "params.yaml").write_text((ROOT / "pipelines/mnist/params.yaml").read_text())
 
-        def run(*stage: str) -> float:
+        def run(*stage: str, **more_env: str) -> float:
             start = time.perf_counter()
-            subprocess.run([*cmd, *stage, *sets], cwd=tmp, env=env, check=True)
+            subprocess.run([*cmd, *stage, *sets], cwd=tmp, env={**env, **more_env}, check=True)
             return time.perf_counter() - start
 
         run("fetch")
         run("prepare")
         first_train_s = run("train")  # the first process on a machine warms its file caches
         train_s = run("train")
-        tune_s = run("tune", "--workers", str(args.workers))
+        timings, spawned = Path(tmp) / "timings.json", time.time()
+        tune_s = run("tune", "--workers", str(args.workers), CNNOPS_TIMINGS=str(timings))
+        phases = seconds_by_phase(timings, spawned)
         summary = json.loads((Path(tmp) / "reports/tune/tune.json").read_text())
         with (Path(tmp) / "reports/tune/trials.csv").open() as f:
             rows = list(csv.DictReader(f))
+    print(f"{'cnnops tune, phase (s)':<32}{'':>9}")
+    for name, seconds in phases.items():
+        print(f"{name:<32}{seconds:9.2f}")
     print(
         json.dumps(
             {

@@ -21,6 +21,7 @@ from cnnops.checkpoints import load_classifier
 from cnnops.config import load_config
 from cnnops.data import prepare
 from cnnops.errors import ConfigError
+from cnnops.timings import seconds_by_phase
 from tests.conftest import ROOT, cnnops
 from tests.test_tune_e2e import finished, open_study, sets, start_tune, states
 
@@ -49,7 +50,9 @@ def test_a_fused_study_finishes_n_trials_with_runs_and_checkpoints_like_sequenti
     digits: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")  # samples in a short study
+    monkeypatch.setenv("CNNOPS_TIMINGS", str(digits / "timings.json"))
     overrides = ("tune.n_trials=5", "train.max_epochs=3", "tune.trials_at_once=3")
+    spawned = time.time()
     out = cnnops("tune", *sets(*overrides), cwd=digits, check=True)
     summary = json.loads(out.stdout)
     study = open_study(digits, *overrides)
@@ -77,6 +80,14 @@ def test_a_fused_study_finishes_n_trials_with_runs_and_checkpoints_like_sequenti
         assert not any(k.startswith("system/") for k in child.data.metrics)
     parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
     assert "system/cpu_utilization_percentage" in parent.data.metrics
+    # Where the study's seconds went, for benchmarks/tune_speed.py: every phase, in order.
+    phases = seconds_by_phase(digits / "timings.json", spawned)
+    names = ["config", "import", "study: open", "trials: setup", "trials: start"]
+    names += ["trials: train steps", "trials: validate", "trials: epoch end", "trials: finish"]
+    names += ["study: outputs: plots", "study: outputs"]
+    assert [n for n in phases if n in names] == names, phases
+    assert all(seconds >= 0 for seconds in phases.values())
+    assert phases["trials: train steps"] > phases["trials: start"]
 
 
 TWO_LONG = (

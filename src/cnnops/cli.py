@@ -233,9 +233,11 @@ def tune(
     params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, workers: WorkersOpt = None
 ) -> None:
     """Optuna search over the regularization levers; best params and checkpoint to paths.*/tune."""
+    from cnnops.timings import phase
     from cnnops.tracking import check_reachable
 
-    config = _config(params, set_, study=True)
+    with phase("config"):
+        config = _config(params, set_, study=True)
     check_reachable(config.mlflow)  # a dead tracking server: one line now, not after trials
     with _mlflow_process(config) as mlflow:  # the study's run
         from cnnops.tune_stage import tune_stage

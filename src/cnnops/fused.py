@@ -42,7 +42,8 @@ from torch import nn
 
 from cnnops import runs, tracking, tune
 from cnnops.errors import ConfigError, DataError
-from cnnops.graphs import CapturedStep
+from cnnops.graphs import CapturedStep, StepFn
+from cnnops.timings import phase
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -274,7 +275,8 @@ class Fused:
                             more = False
                         if not trial:
                             break
-                        self.slots.append(self._start(trial))  # type: ignore[arg-type]
+                        with phase("trials: start"):
+                            self.slots.append(self._start(trial))  # type: ignore[arg-type]
                     if not self.slots:
                         if not more:
                             self._drain()
@@ -366,20 +368,40 @@ class Fused:
             slot.module.train()
         step = self._step_for_slots()
         order = self.batches.next_epoch().to(self.device)
-        for idx in self.batches.split(order):
-            signum = runs.pending_signal()
-            if signum is not None:
-                raise runs.Interrupted(signum)
-            if not isinstance(step, CapturedStep):
-                for slot in self.slots:
-                    slot.optimizer.zero_grad(set_to_none=True)
-            step(self.x[idx], self.y[idx])
-            for slot in self.slots:
-                slot.step()
+        batches = iter(self.batches.split(order))
+        if isinstance(step, CapturedStep) and not step.captured:
+            with phase("trials: warm-up and capture"):  # the batches until the graph replays
+                for idx in batches:
+                    self._train_batch(step, idx)
+                    if step.captured or step.failed is not None:
+                        break
+        with phase("trials: train steps"):  # queued: the GPU runs them on after
+            for idx in batches:
+                self._train_batch(step, idx)
         if isinstance(step, CapturedStep) and step.replays:
             for slot in self.slots:
                 slot.graphed = True
-        self._validate()
+        with phase("trials: validate"):
+            self._validate()
+        if self.device.type == "cuda":
+            with phase("trials: wait for the GPU"):  # the epoch's sums are read next
+                torch.cuda.current_stream(self.device).synchronize()
+        with phase("trials: epoch end"):
+            self._end_epoch(started)
+
+    def _train_batch(self, step: StepFn, idx: torch.Tensor) -> None:
+        signum = runs.pending_signal()
+        if signum is not None:
+            raise runs.Interrupted(signum)
+        if not isinstance(step, CapturedStep):
+            for slot in self.slots:
+                slot.optimizer.zero_grad(set_to_none=True)
+        step(self.x[idx], self.y[idx])
+        for slot in self.slots:
+            slot.step()
+
+    def _end_epoch(self, started: float) -> None:
+        """Each slot's epoch row, report and resume snapshot; the trials that ended, finished."""
         n, n_val = len(self.y), len(self.val[1])
         ended = []
         for slot in self.slots:
@@ -402,7 +424,8 @@ class Fused:
                 self._write(_save_quietly, slot.take_snapshot(), self._dir(slot) / RESUME)
         for slot, outcome in ended:
             self.slots.remove(slot)
-            self._finish(slot, outcome)
+            with phase("trials: finish"):
+                self._finish(slot, outcome)
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Every slot's forward and backward pass on one batch, as the train stage's step
@@ -620,4 +643,6 @@ def run(
     prepared: Prepared,
     on_trial: Callable[[optuna.Study], None] | None = None,
 ) -> None:
-    Fused(study, job, prepared, on_trial).run()
+    with phase("trials: setup"):  # the splits onto the device, the streams, the augmentation
+        together = Fused(study, job, prepared, on_trial)
+    together.run()

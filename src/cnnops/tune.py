@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from cnnops import progress, runs, studies
 from cnnops.config import LEVERS, LOG_SCALE, Config
 from cnnops.errors import CnnopsError
+from cnnops.timings import phase
 
 if TYPE_CHECKING:
     import optuna
@@ -336,7 +337,8 @@ def run_worker(job: Job, on_trial: Callable[[optuna.Study], None] | None = None)
         # share the CPU cores instead of oversubscribing them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // (job.workers * size)))
     study = open_study(job)
-    prepared = prepare.load(job.config.paths.prepared)
+    with phase("trials: data"):
+        prepared = prepare.load(job.config.paths.prepared)
     if job.config.tune.trials_at_once > 1:
         from cnnops import fused
 

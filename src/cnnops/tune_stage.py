@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from cnnops import progress, runs, studies, tune
 from cnnops.config import LEVERS, Config, dump_yaml
 from cnnops.errors import CnnopsError, DataError
+from cnnops.timings import phase
 
 if TYPE_CHECKING:
     import optuna
@@ -56,8 +57,9 @@ def tune_stage(
     SIGTERM/SIGINT stop every worker at a batch boundary; each running trial is failed and
     queued again, and the rerun resumes it from its last checkpoint."""
 
-    from cnnops import fused
-    from cnnops.ddp_trials import world_size
+    with phase("import"):  # torch and Lightning: most of what the stage waits for
+        from cnnops import fused
+        from cnnops.ddp_trials import world_size
 
     tune.quiet()
     runs.die_with_parent()
@@ -71,8 +73,9 @@ def tune_stage(
             studies.storage_url(config),
             deadline=time.time() + timeout if timeout else None,
         )
-        study = tune.open_study(job)
-        parent = parent_run(job, study, mlflow)
+        with phase("study: open"):
+            study = tune.open_study(job)
+            parent = parent_run(job, study, mlflow)
         job = replace(job, parent_run_id=parent.run_id)
         progress = Progress(config.tune.n_trials, config.tune.metric)
         with parent:
@@ -92,7 +95,7 @@ def tune_stage(
                 raise
             finally:
                 progress.close()
-            with runs.deferred_signals():
+            with runs.deferred_signals(), phase("study: outputs"):
                 summary = write_outputs(config, study)
                 parent.log_metrics(summary, step=len(study.trials))
                 parent.set_tags({"best_trial.run_id": summary["mlflow_run_id"]})
@@ -166,7 +169,8 @@ def write_outputs(config: Config, study: optuna.Study) -> dict[str, Any]:
     )
     write_best_params(folder / "best_params.yaml", config, study)
     reports.write_csv(folder / "trials.csv", [_row(t) for t in study.trials])
-    reports.plot_study(study, folder)
+    with phase("study: outputs: plots"):
+        reports.plot_study(study, folder)
     c = tune.counts(study)
     summary = {
         "study": study.study_name,
