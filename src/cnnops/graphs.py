@@ -50,7 +50,10 @@ class CapturedStep:
         """Why capture failed; the step then runs eagerly (unless `required`: then it raises,
         naming the setting `key` that required it)."""
         self.calls = self.recaptures = self.replays = 0
+        self.params: list[torch.nn.Parameter] = []
         self.grads: list[torch.Tensor | None] = []
+        """The module's parameters at capture and the gradient tensors the graph writes: listed
+        once, as walking the module tree before every replay costs more than the check."""
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: tuple[torch.Tensor, torch.Tensor] | None = None
         self.loss: torch.Tensor | None = None
@@ -62,7 +65,7 @@ class CapturedStep:
     def release(self) -> None:
         """Drop the graph: the next calls warm up and capture again (a new optimizer's state)."""
         self.graph = self.static = self.loss = None
-        self.grads = []
+        self.params, self.grads = [], []
         self.calls = 0
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -73,7 +76,7 @@ class CapturedStep:
         if self.graph is not None and self.static is not None and self.loss is not None:
             sx, sy = self.static
             if x.shape != sx.shape or y.shape != sy.shape:
-                for p in self.module.parameters():  # eager into the graph's gradient tensors
+                for p in self.params:  # eager into the graph's gradient tensors
                     if p.grad is not None:
                         p.grad.zero_()
                 return self.fn(x, y)
@@ -123,7 +126,8 @@ class CapturedStep:
             self._clear_grads()
             return self.fn(x, y)
         self.graph = graph
-        self.grads = [p.grad for p in self.module.parameters()]
+        self.params = list(self.module.parameters())
+        self.grads = [p.grad for p in self.params]
         graph.replay()  # capturing records the work without running it
         self.replays += 1
         return self.loss
@@ -136,7 +140,7 @@ class CapturedStep:
             generator.graphsafe_set_state(generator.clone_state())
 
     def _grads_intact(self) -> bool:
-        return all(p.grad is g for p, g in zip(self.module.parameters(), self.grads, strict=True))
+        return all(p.grad is g for p, g in zip(self.params, self.grads, strict=True))
 
     def _clear_grads(self) -> None:
         # Before capture each step allocates fresh gradients: the captured backward must own them.
