@@ -216,3 +216,24 @@ def test_successive_halving_prunes_trials_running_together_where_the_median_cann
             for trial, value in zip(trials, values, strict=True):
                 trial.report(value, step)
         assert [t.should_prune() for t in trials] == pruned, name
+
+
+@pytest.mark.parametrize("warmup", [1, 2])
+def test_successive_halving_first_prunes_after_the_epoch_that_follows_its_warmup(
+    warmup: int,
+) -> None:
+    # Epochs report as steps 0, 1, ...: the first rung is step `warmup`, the epoch after the
+    # `warmup` epochs that are never pruned; the next ones are 3 and 9 times further.
+    config = load_config(
+        ROOT / "params.yaml",
+        ["tune.pruner.name=successive_halving", f"tune.pruner.warmup_epochs={warmup}"],
+    )
+    study = optuna.create_study(direction="maximize", pruner=tune._pruner(config))
+    leader, behind = study.ask(), study.ask()
+    decisions = []
+    for step in range(warmup + 2):
+        leader.report(0.9, step)
+        assert not leader.should_prune()
+        behind.report(0.1, step)
+        decisions.append(behind.should_prune())
+    assert decisions.index(True) == warmup  # after epoch warmup + 1

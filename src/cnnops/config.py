@@ -299,7 +299,7 @@ class Train(Section):
     cuda_graphs: bool | Literal["auto"] = "auto"
     """Replay each training step's forward and backward pass from a CUDA graph. auto: on for one
     CUDA device without torch.compile or 16-mixed precision; true insists (an error elsewhere)."""
-    cuda_graphs_optimizer: bool | Literal["auto"] = False
+    cuda_graphs_optimizer: bool | Literal["auto"] = "auto"
     """Capture the optimizer step in that graph too (torch's fused Adam/AdamW/SGD update, the
     learning rate read from a device tensor the schedule's value is copied into before each
     step). auto: wherever the training step is captured, the schedule changes only the learning
@@ -438,10 +438,11 @@ class Sampler(Section):
 
 class Pruner(Section):
     name: Literal["median", "successive_halving", "hyperband", "none"] = "median"
-    """median: below the median of finished trials at the same epoch. successive_halving: at
-    epochs warmup, 3 x warmup, 9 x warmup..., outside the best third of the trials that got
-    there; it needs no finished trials, so it prunes from the first (trials trained at once
-    included). hyperband: several successive-halving brackets."""
+    """median: below the median of finished trials at the same epoch. successive_halving:
+    after epochs w + 1, 3w + 1, 9w + 1... (w = warmup_epochs, at least 1: epochs 2, 4, 10 for 1),
+    outside the best third of the trials that got there; it needs no finished trials, so it
+    prunes from the first (trials trained at once included). hyperband: several
+    successive-halving brackets."""
     startup_trials: Annotated[int, Field(ge=0)] = 4
     """Trials that finish unpruned before the median pruner starts pruning."""
     warmup_epochs: Annotated[int, Field(ge=0)] = 2
