@@ -364,7 +364,7 @@ def test_a_captured_optimizer_step_that_cannot_be_is_refused_at_load(
     # auto takes what applies: those runs keep the optimizer step eager.
     config = load_config(ROOT / "params.yaml", ["train.cuda_graphs_optimizer=auto", *overrides])
     assert config.train.cuda_graphs_optimizer == "auto"
-    assert load_config(ROOT / "params.yaml").train.cuda_graphs_optimizer == "auto"  # the default
+    assert load_config(ROOT / "params.yaml").train.cuda_graphs_optimizer is False  # opt-in
 
 
 def test_cudnn_benchmark_with_deterministic_training_is_refused_at_load() -> None:

@@ -299,7 +299,7 @@ class Train(Section):
     cuda_graphs: bool | Literal["auto"] = "auto"
     """Replay each training step's forward and backward pass from a CUDA graph. auto: on for one
     CUDA device without torch.compile or 16-mixed precision; true insists (an error elsewhere)."""
-    cuda_graphs_optimizer: bool | Literal["auto"] = "auto"
+    cuda_graphs_optimizer: bool | Literal["auto"] = False
     """Capture the optimizer step in that graph too (torch's fused Adam/AdamW/SGD update, the
     learning rate read from a device tensor the schedule's value is copied into before each
     step). auto: wherever the training step is captured, the schedule changes only the learning
