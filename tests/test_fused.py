@@ -182,6 +182,29 @@ def test_a_sigkilled_fused_study_resumes_each_trial_from_its_last_written_epoch(
     assert not list((digits / "models" / "optuna").glob(f"*/trial-[2-9]*/{fused.RESUME}"))
 
 
+def test_a_snapshot_keeps_the_weights_and_the_best_weights_of_its_epoch() -> None:
+    # Epoch by epoch a trial's resume snapshot holds its weights and its best weights as they
+    # were; the best epoch's copy is made once and shared until a better epoch replaces it.
+    net = torch.nn.Linear(3, 2)
+    slot = fused.Slot(
+        None, None, net, torch.optim.SGD(net.parameters(), lr=0.1), None, False, None, None
+    )  # type: ignore[arg-type]
+
+    def epoch(value: float, improved: bool) -> dict:
+        with torch.no_grad():
+            net.weight.fill_(value)
+        if improved:
+            slot.best_state = {k: v.clone() for k, v in net.state_dict().items()}
+        return slot.take_snapshot()
+
+    first, second, third = epoch(1.0, True), epoch(2.0, False), epoch(3.0, True)
+    for snapshot, weight, best in ((first, 1.0, 1.0), (second, 2.0, 1.0), (third, 3.0, 3.0)):
+        assert torch.all(snapshot["state_dict"]["weight"] == weight)
+        assert torch.all(snapshot["best_state"]["weight"] == best)
+    assert second["best_state"] is first["best_state"]
+    assert epoch(4.0, False)["best_state"] is third["best_state"]
+
+
 @pytest.mark.slow
 def test_trials_trained_together_score_as_trials_trained_one_by_one(digits: Path) -> None:
     # Levers without randomness (no dropout, no noise), one trial with batch norm and L1 off,

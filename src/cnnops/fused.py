@@ -117,21 +117,26 @@ class Slot:
     """Whether any of its epochs replayed a captured step."""
     snapshot: dict[str, Any] | None = None
     """The trial as it stood after its last finished epoch (on the CPU): what `RESUME` holds."""
+    best_on_cpu: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
+    """`best_state` and its copy on the CPU: snapshots reuse the copy until the best changes."""
 
     def take_snapshot(self) -> dict[str, Any]:
-        self.snapshot = _clone(
-            {
-                "state_dict": self.module.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
-                "rows": self.rows,
-                "best": self.best,
-                "wait": self.wait,
-                "best_row": self.best_row,
-                "best_state": self.best_state,
-            },
-            "cpu",
-        )
+        best = self.best_state
+        if best is not None and (self.best_on_cpu is None or self.best_on_cpu[0] is not best):
+            self.best_on_cpu = (best, _clone(best, "cpu"))
+        state = {
+            "state_dict": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "rows": self.rows,
+            "best": self.best,
+            "wait": self.wait,
+            "best_row": self.best_row,
+        }
+        self.snapshot = {
+            **_clone(state, "cpu"),
+            "best_state": None if best is None or self.best_on_cpu is None else self.best_on_cpu[1],
+        }
         return self.snapshot
 
     def restore(self, saved: dict[str, Any], device: torch.device) -> None:
