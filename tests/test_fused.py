@@ -23,6 +23,7 @@ from cnnops.data import prepare
 from cnnops.errors import ConfigError
 from cnnops.timings import seconds_by_phase
 from tests.conftest import ROOT, cnnops
+from tests.mlflow_server import free_port, mlflow_server
 from tests.test_tune_e2e import finished, open_study, sets, start_tune, states
 
 
@@ -100,14 +101,17 @@ TWO_LONG = (
 """A study whose first two trials train together for long enough to be stopped midway."""
 
 
-def start_two(folder: Path, stderr: int = subprocess.DEVNULL) -> subprocess.Popen:
-    """`cnnops tune` with TWO_LONG, returned once both trials have finished an epoch."""
-    proc = start_tune(folder, TWO_LONG, stderr=stderr)
+def start_two(
+    folder: Path, stderr: int = subprocess.DEVNULL, overrides: tuple[str, ...] = TWO_LONG
+) -> subprocess.Popen:
+    """`cnnops tune` with TWO_LONG (or `overrides`), returned once both trials have finished an
+    epoch."""
+    proc = start_tune(folder, overrides, stderr=stderr)
     journal = folder / "models" / "optuna" / "studies.journal"
     deadline = time.time() + 300
     while time.time() < deadline:
         time.sleep(0.2)
-        study = open_study(folder, *TWO_LONG) if journal.is_file() else None
+        study = open_study(folder, *overrides) if journal.is_file() else None
         if study and sum(bool(t.intermediate_values) for t in study.trials) == 2:
             break
     return proc
@@ -280,3 +284,31 @@ def test_a_captured_fused_step_trains_as_the_eager_one(workdir: Path) -> None:
         graphed[graphs] = {t.user_attrs["metrics"]["cuda_graphs"] for t in study.trials}
     assert graphed == {"false": {False}, "true": {True}, "augmented": {True}}
     assert values["true"] == pytest.approx(values["false"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_a_tracking_server_lost_mid_study_stops_it_in_one_line_and_the_rerun_finishes_it(
+    digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a dead server answers at once
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    overrides = ("tune.n_trials=4", "train.max_epochs=60", *TWO_LONG[2:])
+    port = free_port()
+    with mlflow_server(tmp_path / "mlflow", port=port) as url:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        proc = start_two(digits, stderr=subprocess.PIPE, overrides=overrides)
+    # The server is gone while both trials train.
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 2, stderr
+    assert "Traceback" not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"cnnops tune: error: MLFLOW_TRACKING_URI={url}: "), stderr
+    study = open_study(digits, *overrides)
+    assert "RUNNING" not in states(study), states(study)
+    # Back on the same store, the rerun finishes the study: nothing recorded was lost.
+    told = {t.number: t.state for t in study.trials if t.state.name != "FAIL"}
+    with mlflow_server(tmp_path / "mlflow", port=port):
+        cnnops("tune", *sets(*overrides), cwd=digits, check=True)
+    study = open_study(digits, *overrides)
+    assert finished(study) == 4
+    assert all(study.trials[n].state == state for n, state in told.items())

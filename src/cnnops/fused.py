@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from cnnops import runs, tracking, tune
-from cnnops.errors import ConfigError, DataError
+from cnnops.errors import CnnopsError, ConfigError, DataError
 from cnnops.graphs import CapturedStep, StepFn
 from cnnops.timings import phase
 
@@ -326,6 +326,7 @@ class Fused:
 
             with hold:
                 if tracker is not None:
+                    self._drain(check=False)  # what queued work raised cannot stop the tell
                     tune.end_run(tracker, "failed", "FAILED")
                     self._drain(check=False)  # the run's id is on the trial before it ends
                 self.study.tell(trial, state=TrialState.FAIL)
@@ -572,10 +573,13 @@ class Fused:
         from optuna.trial import TrialState
 
         signal = isinstance(error, (runs.Interrupted, KeyboardInterrupt))
-        if not signal and not isinstance(error, SystemExit):
-            traceback.print_exc()
+        if not signal and not isinstance(error, (SystemExit, CnnopsError)):
+            traceback.print_exc()  # a CnnopsError is the command's one line
         with runs.deferred_signals(raise_after=False):
             state, status = ("interrupted", "KILLED") if signal else ("failed", "FAILED")
+            # What queued work raised (a tracking server gone) ends nothing more: it is dropped
+            # here, so that ending the runs cannot raise it again before the trials are told.
+            self._drain(check=False)
             for slot in self.slots:
                 tune.end_run(slot.tracker, state, status)
             self._drain(check=False)  # every write and run done before the trials end

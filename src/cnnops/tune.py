@@ -116,14 +116,23 @@ def trial_run(job: Job, trial: optuna.Trial, params: dict[str, Any]) -> Any:
             "optuna.study": job.study,
             "optuna.trial": str(trial.number),
         }
-        # Trials trained at once share a process and a device: the study's run samples them.
-        tracker = tracking.MlflowTracker(
-            job.config.mlflow,
-            f"trial-{trial.number}",
-            parent_run_id=job.parent_run_id,
-            tags=tags,
-            system_metrics=job.config.tune.trials_at_once == 1,
-        )
+        try:
+            # Trials trained at once share a process and a device: the study's run samples them.
+            tracker = tracking.MlflowTracker(
+                job.config.mlflow,
+                f"trial-{trial.number}",
+                parent_run_id=job.parent_run_id,
+                tags=tags,
+                system_metrics=job.config.tune.trials_at_once == 1,
+            )
+        except Exception as e:  # the server went away mid-study: one line, the study is kept
+            if type(e).__name__ != "MlflowException" or tracking.refusal(e) is not None:
+                raise  # a refusal (401, 403) is one line of its own at the command
+            raise tracking.TrackingError(
+                f"{tracking.uri_source(job.config.mlflow)}: trial {trial.number}'s MLflow run "
+                f"could not be made ({tracking.first_line(e)}); the study's finished trials are "
+                "kept: rerun `cnnops tune` when the server answers"
+            ) from None
         trial.set_user_attr("mlflow_run_id", tracker.run_id)
     tracker.log_params({f"hp.{k}": v for k, v in params.items()})
     return tracker
@@ -304,13 +313,18 @@ def run_trial(
             study.tell(trial, state=TrialState.PRUNED)
             shutil.rmtree(trial_dir(job, trial.number), ignore_errors=True)
             return
-        except Exception:
+        except Exception as e:
+            from cnnops.tracking import TrackingError
+
+            lost = isinstance(e, TrackingError)  # the tracking server went away: the study stops
             death = ranks.failure() if ranks is not None else None
-            if death is None:
+            if death is None and not lost:
                 traceback.print_exc()
             study.tell(trial, state=TrialState.FAIL)
             if death is not None:  # not the trial's fault: it runs again, from its checkpoint
                 on_stale(job.config)(study, study.trials[trial.number])
+            if lost:
+                raise  # one line at the command; the rerun goes on with the study
             if ranks is not None:
                 error = death or f"trial {trial.number} failed on rank 0 of its DDP group"
                 raise CnnopsError(error) from None
