@@ -102,17 +102,20 @@ TWO_LONG = (
 
 
 def start_two(
-    folder: Path, stderr: int = subprocess.DEVNULL, overrides: tuple[str, ...] = TWO_LONG
+    folder: Path,
+    stderr: int = subprocess.DEVNULL,
+    overrides: tuple[str, ...] = TWO_LONG,
+    running: int = 2,
 ) -> subprocess.Popen:
-    """`cnnops tune` with TWO_LONG (or `overrides`), returned once both trials have finished an
-    epoch."""
+    """`cnnops tune` with TWO_LONG (or `overrides`), returned once `running` trials have
+    finished an epoch."""
     proc = start_tune(folder, overrides, stderr=stderr)
     journal = folder / "models" / "optuna" / "studies.journal"
     deadline = time.time() + 300
     while time.time() < deadline:
         time.sleep(0.2)
         study = open_study(folder, *overrides) if journal.is_file() else None
-        if study and sum(bool(t.intermediate_values) for t in study.trials) == 2:
+        if study and sum(bool(t.intermediate_values) for t in study.trials) == running:
             break
     return proc
 
@@ -287,17 +290,24 @@ def test_a_captured_fused_step_trains_as_the_eager_one(workdir: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("at_once", [1, 2])
 def test_a_tracking_server_lost_mid_study_stops_it_in_one_line_and_the_rerun_finishes_it(
-    digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, at_once: int
 ) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a dead server answers at once
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    overrides = ("tune.n_trials=4", "train.max_epochs=60", *TWO_LONG[2:])
+    overrides = (
+        "tune.n_trials=4",
+        "train.max_epochs=60",
+        "train.early_stopping.enabled=false",
+        "tune.pruner.name=none",
+        f"tune.trials_at_once={at_once}",
+    )
     port = free_port()
     with mlflow_server(tmp_path / "mlflow", port=port) as url:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-        proc = start_two(digits, stderr=subprocess.PIPE, overrides=overrides)
-    # The server is gone while both trials train.
+        proc = start_two(digits, subprocess.PIPE, overrides, running=at_once)
+    # The server is gone while the first trials train.
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 2, stderr
     assert "Traceback" not in stderr, stderr
