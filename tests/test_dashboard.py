@@ -223,6 +223,8 @@ def test_a_trial_shows_its_confusion_matrix_at_each_epoch(pipeline: Pipeline, pa
     trial = next(r for r in pipeline.trials if r.data.tags["optuna.state"] == "complete")
     last = int(trial.data.metrics["epochs_run"])
     route = f"experiments/{pipeline.experiment_id}/runs/{trial.info.run_id}/model-metrics"
+    fetched: list[str] = []  # the UI shows each picture from a blob of what it fetched
+    page.on("response", lambda r: fetched.append(urllib.parse.unquote(urllib.parse.unquote(r.url))))
     page.goto(pipeline.page(route))
     heading = page.get_by_role("heading", name="val/confusion_matrix")
     heading.wait_for(timeout=SLOW_PAGE)
@@ -236,11 +238,15 @@ def test_a_trial_shows_its_confusion_matrix_at_each_epoch(pipeline: Pipeline, pa
     track = dialog.locator("span[data-orientation=horizontal]").first.bounding_box()
     assert track is not None
     page.mouse.click(track["x"] + track["width"] - 1, track["y"] + track["height"] / 2)
-    shown = dialog.locator(f"img[src*='confusion_matrix%2Bstep%2B{last}%2B']")
+    expect(dialog.get_by_role("slider").first).to_have_attribute("aria-valuenow", str(last))
+    shown = dialog.locator("img").first
+    loaded = "img => img.complete && img.naturalWidth > 0"
+    page.wait_for_function(loaded, arg=shown.element_handle())
+    assert any(f"val~confusion_matrix+step+{last}+" in url for url in fetched), fetched
+    pictures = page.locator("img").count()
     shown.click()  # the full-size picture, as a person opens it
-    full = page.locator(f"img[src*='confusion_matrix%2Bstep%2B{last}%2B'][src*='.png']")
-    full.wait_for()
-    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=full.element_handle())
+    expect(page.locator("img")).to_have_count(pictures + 1)
+    page.wait_for_function(loaded, arg=page.locator("img").last.element_handle())
     page.wait_for_function(FADED_IN)
     screenshot(page, "mlflow-trial-confusion-matrix")
 
