@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -189,10 +190,12 @@ def test_a_sigkilled_fused_study_resumes_each_trial_from_its_last_written_epoch(
     assert not list((digits / "models" / "optuna").glob(f"*/trial-[2-9]*/{fused.RESUME}"))
 
 
-def test_a_snapshot_keeps_the_weights_and_the_best_weights_of_its_epoch() -> None:
+def test_a_snapshot_keeps_the_weights_and_the_best_weights_of_its_epoch(tmp_path: Path) -> None:
     # Epoch by epoch a trial's resume snapshot holds its weights and its best weights as they
-    # were; the best epoch's copy is made once and shared until a better epoch replaces it.
+    # were; the best epoch's weights are its snapshot's copy, shared until a better epoch
+    # replaces them, and a trial that ends on its best epoch keeps the weights it ends with.
     net = torch.nn.Linear(3, 2)
+    net.hparams = {}  # what a Classifier's checkpoint records of it
     slot = fused.Slot(
         None, None, net, torch.optim.SGD(net.parameters(), lr=0.1), None, False, None, None
     )  # type: ignore[arg-type]
@@ -200,16 +203,23 @@ def test_a_snapshot_keeps_the_weights_and_the_best_weights_of_its_epoch() -> Non
     def epoch(value: float, improved: bool) -> dict:
         with torch.no_grad():
             net.weight.fill_(value)
-        if improved:
-            slot.best_state = {k: v.clone() for k, v in net.state_dict().items()}
+        slot.best_row, slot.best_is_last = {"epoch": value}, improved
         return slot.take_snapshot()
 
     first, second, third = epoch(1.0, True), epoch(2.0, False), epoch(3.0, True)
     for snapshot, weight, best in ((first, 1.0, 1.0), (second, 2.0, 1.0), (third, 3.0, 3.0)):
         assert torch.all(snapshot["state_dict"]["weight"] == weight)
         assert torch.all(snapshot["best_state"]["weight"] == best)
-    assert second["best_state"] is first["best_state"]
+    assert second["best_state"] is first["best_state"] is first["state_dict"]
     assert epoch(4.0, False)["best_state"] is third["best_state"]
+    with torch.no_grad():
+        net.weight.fill_(5.0)
+    # It ends after an epoch that was not its best: the best epoch's copy.
+    saved = torch.load(fused._save_best(slot, tmp_path), weights_only=True)
+    assert torch.all(saved["state_dict"]["weight"] == 3.0)
+    slot.best_is_last = True  # it ends on its best epoch: the weights it ends with
+    saved = torch.load(fused._save_best(slot, tmp_path), weights_only=True)
+    assert torch.all(saved["state_dict"]["weight"] == 5.0)
 
 
 @pytest.mark.slow
@@ -322,3 +332,48 @@ def test_a_tracking_server_lost_mid_study_stops_it_in_one_line_and_the_rerun_fin
     study = open_study(digits, *overrides)
     assert finished(study) == 4
     assert all(study.trials[n].state == state for n, state in told.items())
+
+
+@pytest.mark.slow
+def test_a_trial_left_by_a_lost_tracking_server_as_it_ends_is_failed_not_left_running(
+    digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two trials end on the same epoch. Once the first is told, the tracking server goes and
+    # queued MLflow work fails: the second trial, out of the slots by then, meets that error as
+    # it records its end. It must be told it failed, not left RUNNING, and the error ends the
+    # study.
+    from concurrent.futures import wait
+
+    from cnnops import tune
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a dead server answers at once
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    config = load_config(
+        digits / "params.yaml",
+        [
+            "tune.n_trials=2",
+            "train.max_epochs=1",
+            "tune.pruner.name=none",
+            "tune.trials_at_once=2",
+            "tune.study_name=lost-at-the-end",
+        ],
+    )
+    with ExitStack() as server:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.enter_context(mlflow_server(tmp_path)))
+        job = tune.Job(config, "lost-at-the-end", studies.storage_url(config))
+        study = tune.open_study(job)
+        together = fused.Fused(study, job, prepare.load(config.paths.prepared))
+        other = tracking.MlflowTracker(config.mlflow, "another run", system_metrics=False)
+
+        def first_told(study: optuna.Study) -> None:
+            if len(study.trials) > 1 and study.trials[1].state.is_finished():
+                return  # the second trial was told: the test fails below
+            wait(together.writes)  # the first trial's run ended while the server was there
+            server.close()
+            together._record(other.close)  # MLflow work queued as the server went: it fails
+            wait(together.writes)
+
+        together.on_trial = first_told
+        with pytest.raises(tracking.TrackingError):
+            together.run()
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]

@@ -110,20 +110,19 @@ class Slot:
     """The early-stopping reference: the last value that improved by `min_delta`."""
     wait: int = 0
     best_row: dict[str, float] | None = None
+    """The best epoch's row: what the checkpoint keeps."""
+    best_is_last: bool = False
+    """Whether the best epoch is the last one: its weights are the module's own."""
     best_state: dict[str, torch.Tensor] | None = None
-    """The best epoch's row and weights (on the device): what the checkpoint keeps."""
+    """The best epoch's weights on the CPU, as its snapshot copied them (stale while
+    `best_is_last`, until the snapshot of that epoch): the best costs no copy of its own."""
 
     graphed: bool = False
     """Whether any of its epochs replayed a captured step."""
-    snapshot: dict[str, Any] | None = None
-    """The trial as it stood after its last finished epoch (on the CPU): what `RESUME` holds."""
-    best_on_cpu: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
-    """`best_state` and its copy on the CPU: snapshots reuse the copy until the best changes."""
 
     def take_snapshot(self) -> dict[str, Any]:
-        best = self.best_state
-        if best is not None and (self.best_on_cpu is None or self.best_on_cpu[0] is not best):
-            self.best_on_cpu = (best, _clone(best, "cpu"))
+        """The trial as it stands after its last finished epoch, on the CPU: what `RESUME`
+        holds. Its weights are also the best ones when that epoch was the best."""
         state = {
             "state_dict": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -133,13 +132,12 @@ class Slot:
             "wait": self.wait,
             "best_row": self.best_row,
         }
-        self.snapshot = {
-            **_clone(state, "cpu"),
-            "best_state": None if best is None or self.best_on_cpu is None else self.best_on_cpu[1],
-        }
-        return self.snapshot
+        snapshot = _clone(state, "cpu")
+        if self.best_is_last:
+            self.best_state = snapshot["state_dict"]  # never changed after: shared, not copied
+        return {**snapshot, "best_state": self.best_state}
 
-    def restore(self, saved: dict[str, Any], device: torch.device) -> None:
+    def restore(self, saved: dict[str, Any]) -> None:
         """Continue from a snapshot that `take_snapshot` made and a signal saved."""
         self.module.load_state_dict(saved["state_dict"])
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -147,9 +145,7 @@ class Slot:
             self.scheduler.load_state_dict(saved["scheduler"])
         self.rows, self.best, self.wait = list(saved["rows"]), saved["best"], saved["wait"]
         self.best_row = saved["best_row"]
-        state = saved["best_state"]
-        self.best_state = None if state is None else {k: v.to(device) for k, v in state.items()}
-        self.snapshot = None
+        self.best_state, self.best_is_last = saved["best_state"], False
 
     @property
     def epoch(self) -> int:
@@ -173,9 +169,9 @@ class Slot:
         value = row[monitor]
         if not math.isfinite(value):
             return "stopped"
-        if self.best_row is None or _better(value, self.best_row[monitor], monitor):
+        self.best_is_last = self.best_row is None or _better(value, self.best_row[monitor], monitor)
+        if self.best_is_last:
             self.best_row = row
-            self.best_state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
         stop = self.config.train.early_stopping
         delta = stop.min_delta if monitor.endswith("acc") else -stop.min_delta
         if self.best is None or _better(value, self.best + delta, monitor):
@@ -319,16 +315,14 @@ class Fused:
             if resume is not None:
                 from cnnops.checkpoints import load_checkpoint
 
-                slot.restore(load_checkpoint(resume), self.device)
+                slot.restore(load_checkpoint(resume))
                 tracker.set_tags({"cnnops.resumed_from": str(resume)})
         except BaseException:
             from optuna.trial import TrialState
 
             with hold:
                 if tracker is not None:
-                    self._drain(check=False)  # what queued work raised cannot stop the tell
-                    tune.end_run(tracker, "failed", "FAILED")
-                    self._drain(check=False)  # the run's id is on the trial before it ends
+                    self._end_runs([tracker], "failed", "FAILED")
                 self.study.tell(trial, state=TrialState.FAIL)
             raise
         return slot
@@ -512,6 +506,16 @@ class Fused:
         for write in writes if check else ():
             write.result()
 
+    def _end_runs(self, trackers: list[Any], state: str, status: str) -> None:
+        """End these trials' MLflow runs as the study stops, before Optuna is told how they
+        ended. What queued work raised (a tracking server gone) is dropped first, so that ending
+        the runs cannot raise it again; then every write and run is waited for, so each run's id
+        is on its trial before the trial ends."""
+        self._drain(check=False)
+        for tracker in trackers:
+            tune.end_run(tracker, state, status)
+        self._drain(check=False)
+
     def _finish(self, slot: Slot, outcome: str) -> None:
         """Tell Optuna how the trial ended, save its best checkpoint, close its MLflow run."""
         from optuna.trial import TrialState
@@ -520,47 +524,51 @@ class Fused:
 
         study, trial, job = self.study, slot.trial, self.job
         with runs.deferred_signals(raise_after=False), slot.hold:
-            # The run's id rides on the trial, set where the run was made: before the trial ends.
             try:
+                # The run's id rides on the trial, set where the run was made: before it ends.
                 slot.tracker.run_id  # noqa: B018
-            except Exception:  # no run could be made: the trial fails, and the error ends the study
-                study.tell(trial, state=TrialState.FAIL)
+                if outcome == "pruned":
+                    tune.end_run(slot.tracker, "pruned", "KILLED")
+                    study.tell(trial, state=TrialState.PRUNED)
+                elif slot.best_row is None:  # not one epoch with a finite metric
+                    tune.end_run(slot.tracker, "failed", "FAILED")
+                    study.tell(trial, state=TrialState.FAIL)
+                else:
+                    checkpoint = _save_best(slot, self._dir(slot))
+                    monitor = job.config.tune.metric
+                    best = slot.best_row
+                    elapsed = time.perf_counter() - slot.started
+                    metrics = {
+                        "best_epoch": int(best["epoch"]),
+                        "best_val_acc": best["val_acc"],
+                        "best_val_loss": best["val_loss"],
+                        "best_train_acc": best["train_acc"],
+                        "epochs_run": slot.epoch,
+                        "stopped_early": outcome == "stopped",
+                        "stopped_epoch": slot.epoch,
+                        "train_seconds": round(elapsed, 2),
+                        "device_seconds": round(elapsed, 2),
+                        "peak_memory_mb": peak_memory_mb(self.device),
+                        "cuda_graphs": slot.graphed,
+                        "cuda_graphs_optimizer": False,
+                        "data_placement": "device",
+                        "trials_at_once": job.config.tune.trials_at_once,
+                    }
+                    slot.tracker.log_metrics(
+                        {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                        step=slot.epoch,
+                    )
+                    tune.end_run(slot.tracker, "complete", "FINISHED")
+                    trial.set_user_attr("metrics", metrics)
+                    trial.set_user_attr("checkpoint", str(checkpoint))
+                    study.tell(trial, best[monitor])  # NaN: Optuna records the trial as failed
+            except BaseException:
+                # What failed before Optuna heard how the trial ended (no run could be made, the
+                # tracking server gone as the run ends, no room for the checkpoint) fails it: the
+                # trial has left the slots, so nothing else would tell it. The error ends the study.
+                if not study._storage.get_trial(trial._trial_id).state.is_finished():
+                    study.tell(trial, state=TrialState.FAIL)
                 raise
-            if outcome == "pruned":
-                tune.end_run(slot.tracker, "pruned", "KILLED")
-                study.tell(trial, state=TrialState.PRUNED)
-            elif slot.best_row is None:  # not one epoch with a finite metric
-                tune.end_run(slot.tracker, "failed", "FAILED")
-                study.tell(trial, state=TrialState.FAIL)
-            else:
-                checkpoint = _save_best(slot, self._dir(slot))
-                monitor = job.config.tune.metric
-                best = slot.best_row
-                elapsed = time.perf_counter() - slot.started
-                metrics = {
-                    "best_epoch": int(best["epoch"]),
-                    "best_val_acc": best["val_acc"],
-                    "best_val_loss": best["val_loss"],
-                    "best_train_acc": best["train_acc"],
-                    "epochs_run": slot.epoch,
-                    "stopped_early": outcome == "stopped",
-                    "stopped_epoch": slot.epoch,
-                    "train_seconds": round(elapsed, 2),
-                    "device_seconds": round(elapsed, 2),
-                    "peak_memory_mb": peak_memory_mb(self.device),
-                    "cuda_graphs": slot.graphed,
-                    "cuda_graphs_optimizer": False,
-                    "data_placement": "device",
-                    "trials_at_once": job.config.tune.trials_at_once,
-                }
-                slot.tracker.log_metrics(
-                    {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                    step=slot.epoch,
-                )
-                tune.end_run(slot.tracker, "complete", "FINISHED")
-                trial.set_user_attr("metrics", metrics)
-                trial.set_user_attr("checkpoint", str(checkpoint))
-                study.tell(trial, best[monitor])  # NaN: Optuna records the trial as failed
         self._write(lambda path: path.unlink(missing_ok=True), self._dir(slot) / RESUME)
         tune._log(study, trial.number, job)
         if self.on_trial:
@@ -577,12 +585,7 @@ class Fused:
             traceback.print_exc()  # a CnnopsError is the command's one line
         with runs.deferred_signals(raise_after=False):
             state, status = ("interrupted", "KILLED") if signal else ("failed", "FAILED")
-            # What queued work raised (a tracking server gone) ends nothing more: it is dropped
-            # here, so that ending the runs cannot raise it again before the trials are told.
-            self._drain(check=False)
-            for slot in self.slots:
-                tune.end_run(slot.tracker, state, status)
-            self._drain(check=False)  # every write and run done before the trials end
+            self._end_runs([slot.tracker for slot in self.slots], state, status)
             for slot in self.slots:
                 with slot.hold:
                     self.study.tell(slot.trial, state=TrialState.FAIL)
@@ -636,9 +639,10 @@ def _save_best(slot: Slot, out: Path) -> Path:
     import lightning as L
 
     best = slot.best_row
-    assert best is not None and slot.best_state is not None
+    weights = slot.module.state_dict() if slot.best_is_last else slot.best_state
+    assert best is not None and weights is not None
     checkpoint = {
-        "state_dict": _clone(slot.best_state, "cpu"),
+        "state_dict": _clone(weights, "cpu"),
         "hyper_parameters": dict(slot.module.hparams),
         "epoch": int(best["epoch"]) - 1,
         "pytorch-lightning_version": L.__version__,
