@@ -364,6 +364,10 @@ def test_a_trial_left_by_a_lost_tracking_server_as_it_ends_is_failed_not_left_ru
         study = tune.open_study(job)
         together = fused.Fused(study, job, prepare.load(config.paths.prepared))
         other = tracking.MlflowTracker(config.mlflow, "another run", system_metrics=False)
+        more = [
+            tracking.MlflowTracker(config.mlflow, f"run {i}", system_metrics=False)
+            for i in range(6)
+        ]
 
         def first_told(study: optuna.Study) -> None:
             if len(study.trials) > 1 and study.trials[1].state.is_finished():
@@ -376,4 +380,11 @@ def test_a_trial_left_by_a_lost_tracking_server_as_it_ends_is_failed_not_left_ru
         together.on_trial = first_told
         with pytest.raises(tracking.TrackingError):
             together.run()
-    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]
+        assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]
+        # Runs ended as a study stops, the server gone: each is ended, and none raises before
+        # the trials are told.
+        together._end_runs(
+            [tracking.OnThread(together._record, lambda r=r: r) for r in more], "failed", "FAILED"
+        )
+        assert not together.writes
+    assert all(run.down for run in more)  # each tried to close, and found the server gone

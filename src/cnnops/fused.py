@@ -227,6 +227,8 @@ class Fused:
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="cnnops-resume")
         self.recorder = ThreadPoolExecutor(1, thread_name_prefix="cnnops-trial-runs")
         self.writes: list[Future[Any]] = []
+        self.stopping = False
+        """Whether the study is stopping: what queued work raises then is not raised again."""
         self.strength = torch.ones(0)
         """Each slot's augmentation strength, this epoch: (K,) on the device."""
         self.stepper: CapturedStep | None = None
@@ -491,11 +493,12 @@ class Fused:
         return self._queue(self.recorder.submit(fn))
 
     def _queue(self, future: Future[Any]) -> Future[Any]:
-        """Keep `future` until it is done; what a finished one raised, raise here."""
-        for done in [w for w in self.writes if w.done()]:
+        """Keep `future` until it is done; what a finished one raised, raise here (unless the
+        study is already stopping on an error of its own)."""
+        self.writes.append(future)
+        for done in [w for w in self.writes if w.done()] if not self.stopping else ():
             self.writes.remove(done)
             done.result()
-        self.writes.append(future)
         return future
 
     def _drain(self, check: bool = True) -> None:
@@ -511,6 +514,7 @@ class Fused:
         ended. What queued work raised (a tracking server gone) is dropped first, so that ending
         the runs cannot raise it again; then every write and run is waited for, so each run's id
         is on its trial before the trial ends."""
+        self.stopping = True  # one run that cannot close cannot keep the others open either
         self._drain(check=False)
         for tracker in trackers:
             tune.end_run(tracker, state, status)
