@@ -496,7 +496,9 @@ class Fused:
         """Keep `future` until it is done; what a finished one raised, raise here (unless the
         study is already stopping on an error of its own)."""
         self.writes.append(future)
-        for done in [w for w in self.writes if w.done()] if not self.stopping else ():
+        if self.stopping:
+            return future
+        for done in [w for w in self.writes if w.done()]:
             self.writes.remove(done)
             done.result()
         return future
@@ -511,11 +513,10 @@ class Fused:
 
     def _end_runs(self, trackers: list[Any], state: str, status: str) -> None:
         """End these trials' MLflow runs as the study stops, before Optuna is told how they
-        ended. What queued work raised (a tracking server gone) is dropped first, so that ending
-        the runs cannot raise it again; then every write and run is waited for, so each run's id
-        is on its trial before the trial ends."""
-        self.stopping = True  # one run that cannot close cannot keep the others open either
-        self._drain(check=False)
+        ended. From here on what queued work raised (a tracking server gone) is not raised
+        again, so one run that cannot close cannot keep the others open; then every write and
+        run is waited for, so each run's id is on its trial before the trial ends."""
+        self.stopping = True
         for tracker in trackers:
             tune.end_run(tracker, state, status)
         self._drain(check=False)
