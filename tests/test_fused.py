@@ -263,7 +263,7 @@ def test_a_captured_fused_step_trains_as_the_eager_one(workdir: Path) -> None:
     fetch(base.fetch, base.paths.raw)
     prepare.prepare(base, base.paths.raw, base.paths.prepared, base.paths.reports / "data.json")
     data = prepare.load(base.paths.prepared)
-    values, graphed = {}, {}
+    values, graphed, train_acc = {}, {}, {}
     augmented = "augment.transforms=[{name: affine, p: 1.0}]"  # random: captured, not compared
     exact = "train.deterministic=true"  # cuDNN's fastest kernels add in any order
     for graphs, extra in (("false", [exact]), ("true", [exact]), ("augmented", [augmented])):
@@ -295,8 +295,12 @@ def test_a_captured_fused_step_trains_as_the_eager_one(workdir: Path) -> None:
             torch.use_deterministic_algorithms(False)  # a process-wide flag, as Lightning sets it
         values[graphs] = [t.value for t in study.trials]
         graphed[graphs] = {t.user_attrs["metrics"]["cuda_graphs"] for t in study.trials}
+        # The train sums too: a capture that made them would zero them on every replay.
+        train_acc[graphs] = [t.user_attrs["metrics"]["best_train_acc"] for t in study.trials]
     assert graphed == {"false": {False}, "true": {True}, "augmented": {True}}
     assert values["true"] == pytest.approx(values["false"], rel=1e-3)
+    assert train_acc["true"] == pytest.approx(train_acc["false"], rel=1e-3)
+    assert min(train_acc["augmented"]) > 0.5
 
 
 @pytest.mark.slow

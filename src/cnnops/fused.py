@@ -234,9 +234,11 @@ class Fused:
         self.stepper: CapturedStep | None = None
         """The step captured for the slots' modules (`stepper.module`), kept while they stay."""
         k = job.config.tune.trials_at_once
-        self.streams = (
-            [torch.cuda.Stream(self.device) for _ in range(k)] if self.device.type == "cuda" else []
-        )
+        cuda = self.device.type == "cuda"
+        self.streams = [torch.cuda.Stream(self.device) for _ in range(k)] if cuda else []
+        self.pool = torch.cuda.graph_pool_handle() if cuda else None
+        """The memory pool every capture of the study shares: a graph is dropped before the
+        next is captured, so none replays over another's memory."""
         # One engine for every trial: the spec at strength 1, each image scaled by its trial's.
         self.augment = batched_engine(
             job.config.model_copy(
@@ -311,6 +313,7 @@ class Fused:
             if self.device.type == "cuda" and config.train.channels_last:  # as the train stage
                 module = module.to(memory_format=torch.channels_last)
             module.total_steps = config.train.max_epochs * len(self.batches)
+            module.open_sums("train", "val")  # before a capture that would zero them per replay
             optimizer, scheduler, per_step = _optimizer(module)
             slot = Slot(trial, config, module, optimizer, scheduler, per_step, tracker, hold)
             resume = tune.resume_point(trial, self.job, RESUME)
@@ -460,11 +463,12 @@ class Fused:
         self.stepper = CapturedStep(
             self._step,
             nn.ModuleList(modules),
-            # The first capture warms the streams, cuDNN and autograd up; later ones only need
-            # the new trials' gradients made once.
-            warmup=3 if self.stepper is None else 1,
+            # The first capture warms the streams, cuDNN and autograd up; later ones capture at
+            # once (a new trial's sums are made when it starts).
+            warmup=3 if self.stepper is None else 0,
             generators=getattr(self.augment, "generators", tuple),
             required=t.cuda_graphs is True,
+            pool=self.pool,
         )
         return self.stepper
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import types
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import torch
@@ -43,9 +44,13 @@ class CapturedStep:
         generators: Callable[[], Sequence[torch.Generator]] = tuple,
         required: bool = False,
         key: str = "train.cuda_graphs",
+        pool: Any = None,
     ) -> None:
         self.fn, self.module, self.warmup, self.generators = fn, module, warmup, generators
         self.required, self.key = required, key
+        self.pool = pool
+        """The memory pool the graph is captured into (`torch.cuda.graph_pool_handle()`), shared
+        with the graphs captured before it; None: a pool of its own."""
         self.failed: str | None = None
         """Why capture failed; the step then runs eagerly (unless `required`: then it raises,
         naming the setting `key` that required it)."""
@@ -106,9 +111,8 @@ class CapturedStep:
         graph = torch.cuda.CUDAGraph()
         for generator in self.generators():
             graph.register_generator_state(generator)
-        # thread_local: a DataLoader's pin-memory thread may call CUDA while this thread captures.
         try:
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            with _capturing(graph, self.pool):
                 self.loss = self.fn(*self.static)
         except RuntimeError as e:
             # A step that syncs with the host (.item(), data-dependent shapes) cannot be captured.
@@ -146,6 +150,36 @@ class CapturedStep:
         # Before capture each step allocates fresh gradients: the captured backward must own them.
         for p in self.module.parameters():
             p.grad = None
+
+
+_capture_stream: torch.cuda.Stream | None = None
+
+
+@contextmanager
+def _capturing(graph: torch.cuda.CUDAGraph, pool: Any = None) -> Iterator[None]:
+    """Capture into `graph` what the body issues, as `torch.cuda.graph` does but without its
+    device-wide synchronize and cache flush first: the capture stream waits for the current one
+    instead, and the current one for the capture after. A study recaptures its trials' step
+    every time a trial joins, and a synchronize there drains the queued epoch.
+
+    thread_local: other threads (a DataLoader's pin-memory thread, the checkpoint writer) may
+    call CUDA while this one captures. If the body raises, the capture is ended and its error
+    (an invalidated capture) dropped: the body's error is the one to see."""
+    global _capture_stream
+    if _capture_stream is None:
+        _capture_stream = torch.cuda.Stream()
+    current, side = torch.cuda.current_stream(), _capture_stream
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        graph.capture_begin(pool, capture_error_mode="thread_local")
+        try:
+            yield
+        except BaseException:
+            with suppress(RuntimeError):
+                graph.capture_end()
+            raise
+        graph.capture_end()
+    current.wait_stream(side)
 
 
 class GraphedOptimizer:

@@ -223,6 +223,13 @@ class Classifier(L.LightningModule):
     def _count(self, stage: str, n: int) -> None:
         self._counts[stage] = self._counts.get(stage, 0) + n  # known on the host: no copy
 
+    def open_sums(self, *stages: str) -> None:
+        """Make `stages`' sums now, zero, on the module's device. A step captured before its
+        sums exist would make them inside the graph, and every replay would zero them again."""
+        device = next(self.parameters()).device
+        for stage in stages:
+            self._sums.setdefault(stage, torch.zeros(2, device=device))
+
     def take_sums(self, stage: str) -> tuple[float, float]:
         """`stage`'s summed loss and hits since the last take, on this rank; the sums are zeroed
         in place (a captured step keeps adding into the same tensor)."""
