@@ -233,12 +233,15 @@ class Fused:
         """Each slot's augmentation strength, this epoch: (K,) on the device."""
         self.stepper: CapturedStep | None = None
         """The step captured for the slots' modules (`stepper.module`), kept while they stay."""
+        self.retired: CapturedStep | None = None
+        """The step before, kept until the next one is captured: the memory pool the study's
+        graphs share lives only while a graph captured into it does."""
         k = job.config.tune.trials_at_once
         cuda = self.device.type == "cuda"
         self.streams = [torch.cuda.Stream(self.device) for _ in range(k)] if cuda else []
         self.pool = torch.cuda.graph_pool_handle() if cuda else None
-        """The memory pool every capture of the study shares: a graph is dropped before the
-        next is captured, so none replays over another's memory."""
+        """The memory pool every capture of the study shares: a graph is never replayed
+        after the next is captured, so none replays over another's memory."""
         # One engine for every trial: the spec at strength 1, each image scaled by its trial's.
         self.augment = batched_engine(
             job.config.model_copy(
@@ -380,6 +383,7 @@ class Fused:
                     self._train_batch(step, idx)
                     if step.captured or step.failed is not None:
                         break
+            self.retired = None
         with phase("trials: train steps"):  # queued: the GPU runs them on after
             for idx in batches:
                 self._train_batch(step, idx)
@@ -460,6 +464,7 @@ class Fused:
         t = self.job.config.train
         if self.device.type != "cuda" or t.cuda_graphs is False:
             return self._step
+        self.retired = self.retired or self.stepper
         self.stepper = CapturedStep(
             self._step,
             nn.ModuleList(modules),
