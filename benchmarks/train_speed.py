@@ -401,6 +401,18 @@ def cnnops_train(config: Config, data: Prepared, args, device, name: str = "cnno
     return summary
 
 
+def e2e_project(folder: Path, mirror: str, overrides: list[str]) -> list[str]:
+    """The MNIST pipeline's params written into `folder`, and the `--set` arguments that run
+    them there on the IDX files in `mirror`."""
+    (folder / "params.yaml").write_text((ROOT / "pipelines" / "mnist" / "params.yaml").read_text())
+    overrides = [
+        f"fetch.mirror={Path(mirror).resolve()}",
+        "paths.src=src/cnnops",  # the pipeline's params point two folders up; here it is one
+        *overrides,
+    ]
+    return [a for o in overrides for a in ("--set", o)]
+
+
 def end_to_end(mirror: str, args) -> dict[str, float]:
     """`cnnops train` as a process, start to exit (data already prepared), run twice: the first
     run also creates the MLflow store and compiles the bytecode of what it imports (as an
@@ -408,19 +420,12 @@ def end_to_end(mirror: str, args) -> dict[str, float]:
     env = {**os.environ, "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"}
     # Container images often turn bytecode caching off; an installed environment has it.
     env.pop("PYTHONDONTWRITEBYTECODE", None)
-    mirror = str(Path(mirror).resolve())
-    overrides = [
-        f"fetch.mirror={mirror}",
-        f"train.max_epochs={args.e2e_epochs}",
-        f"train.batch_size={args.batch_size}",
-    ]
+    overrides = [f"train.max_epochs={args.e2e_epochs}", f"train.batch_size={args.batch_size}"]
     if args.bf16:
         overrides.append("train.precision=bf16-mixed")
     cmd = [sys.executable, "-m", "cnnops"]
-    sets = [a for o in overrides for a in ("--set", o)]
     with tempfile.TemporaryDirectory() as tmp:
-        params = Path(tmp) / "params.yaml"
-        params.write_text((ROOT / "pipelines" / "mnist" / "params.yaml").read_text())
+        sets = e2e_project(Path(tmp), mirror, overrides)
         for stage in ("fetch", "prepare"):
             subprocess.run([*cmd, stage, *sets], cwd=tmp, env=env, check=True, capture_output=True)
         times = {}
