@@ -8,6 +8,9 @@ no pruning, no early stopping): for each K, K trials of one study start together
 `--epochs` epochs side by side, as `cnnops tune` trains them, and for K > 1 also eagerly
 (`train.cuda_graphs: false`). Prints each setting's epoch times, its steady-state trial-images/s
 (the fastest epoch after the first, which captures and warms up) and its ratio to K = 1.
+With `--profile`, its last epoch runs under `torch.profiler`: how long the GPU was busy (the
+union of its kernels' spans), their summed time (more than busy when trials overlap), and the
+kernels that took the most.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import os
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -47,8 +51,24 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def gpu_time(events: list) -> tuple[float, float]:
+    """Seconds the GPU was busy (the union of the kernels' spans) and the kernels' summed time."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events)
+    busy, current = 0.0, None
+    for start, end in spans:
+        if current is None or start > current[1]:
+            if current is not None:
+                busy += current[1] - current[0]
+            current = [start, end]
+        else:
+            current[1] = max(current[1], end)
+    if current is not None:
+        busy += current[1] - current[0]
+    return busy / 1e6, sum(e.device_time for e in events) / 1e6
+
+
 def epochs_at_once(
-    folder: Path, data: Prepared, k: int, graphs: str, epochs: int
+    folder: Path, data: Prepared, k: int, graphs: str, epochs: int, profile: bool = False
 ) -> dict[str, object]:
     """Epoch seconds of `k` trials started together and trained `epochs` epochs."""
     name = f"k{k}-graphs-{graphs}"
@@ -67,23 +87,42 @@ def epochs_at_once(
     study = tune.open_study(job)
     run = fused.Fused(study, job, data)
     run.slots = [run._start(tune._next_trial(study, job)) for _ in range(k)]  # type: ignore[arg-type]
-    seconds = []
-    for _ in range(epochs):
+    seconds, profiled = [], None
+    for epoch in range(epochs):
         sync()
-        start = time.perf_counter()
-        run._epoch()
-        sync()
-        seconds.append(time.perf_counter() - start)
+        watch = profile and epoch == epochs - 1
+        with torch.profiler.profile(activities=_activities()) if watch else nullcontext() as prof:
+            start = time.perf_counter()
+            run._epoch()
+            sync()
+            seconds.append(time.perf_counter() - start)
+        if watch:
+            profiled = prof
     for slot in list(run.slots):
         run.slots.remove(slot)
         run._finish(slot, "complete")
     steady = min(seconds[1:] or seconds)
-    return {
+    row: dict[str, object] = {
         "k": k,
         "cuda_graphs": graphs,
         "epoch_s": [round(s, 3) for s in seconds],
         "trial_images_per_s": round(k * len(data.y["train"]) / steady),
     }
+    if profiled is not None:
+        kernels = [e for e in profiled.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        if kernels:
+            busy, summed = gpu_time(kernels)
+            row |= {"gpu_busy_s": round(busy, 3), "kernel_s": round(summed, 3)}
+        sort = "device_time_total" if kernels else "cpu_time_total"
+        print(profiled.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=60))
+    return row
+
+
+def _activities() -> list[torch.profiler.ProfilerActivity]:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return activities
 
 
 def main() -> None:
@@ -94,6 +133,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[1, 5, 10, 20])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--size", type=int, help="the first N images of each split only")
+    parser.add_argument("--profile", action="store_true", help="profile each setting's last epoch")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     mirror = Path(args.mirror).resolve()
@@ -116,7 +156,7 @@ def main() -> None:
         rows = []
         for k in args.k:
             for graphs in ("auto", "false") if k > 1 else ("auto",):
-                rows.append(epochs_at_once(folder, data, k, graphs, args.epochs))
+                rows.append(epochs_at_once(folder, data, k, graphs, args.epochs, args.profile))
                 alone = rows[0]["trial_images_per_s"]
                 rows[-1]["vs_one_trial"] = round(rows[-1]["trial_images_per_s"] / alone, 2)  # type: ignore[operator]
                 print(json.dumps(rows[-1]), flush=True)
