@@ -148,7 +148,7 @@ def tune_once(run, folder: Path, name: str, tree: str | None, workers: int) -> d
     timings, spawned = copy / "timings.json", time.time()
     env = {"CNNOPS_TIMINGS": str(timings), "MLFLOW_TRACKING_URI": f"sqlite:///{copy}/mlflow.db"}
     if tree:
-        env["PYTHONPATH"] = os.pathsep.join([tree, os.environ.get("PYTHONPATH", "")])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [tree, os.environ.get("PYTHONPATH")]))
     tune_s = run("tune", "--workers", str(workers), cwd=copy, **env)
     summary = json.loads((copy / "reports/tune/tune.json").read_text())
     with (copy / "reports/tune/trials.csv").open() as f:

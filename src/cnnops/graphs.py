@@ -162,8 +162,8 @@ def _capturing(graph: torch.cuda.CUDAGraph, pool: Any = None) -> Iterator[None]:
     instead, and the current one for the capture after. A study recaptures its trials' step
     every time a trial joins, and a synchronize there drains the queued epoch.
 
-    thread_local: other threads (a DataLoader's pin-memory thread, the checkpoint writer) may
-    call CUDA while this one captures. If the body raises, the capture is ended and its error
+    thread_local: other threads (a DataLoader's pin-memory thread) may call CUDA while this one
+    captures. If the body raises, the capture is ended and its error
     (an invalidated capture) dropped: the body's error is the one to see."""
     global _capture_stream
     if _capture_stream is None:
